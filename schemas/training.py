@@ -1,0 +1,119 @@
+"""The training configuration: one validated model shared by the CLI, the worker and the ingress.
+
+The defaults here are the documented recipe (mirrored, with comments, in
+``config/train_config.yaml``; a test keeps the two equal). They follow open-cd's SNUNet recipe
+(ImageNet normalisation, AdamW lr 1e-3 / weight decay 0.05, linear warm-up then poly decay,
+256 crops, +-180 degree rotation, flips, photometric distortion), which is the one with the
+better published LEVIR-CD score.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used; the message names the offending key."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # --- schedule and optimiser -------------------------------------------------------------
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    scheduler: Literal["poly", "cosine", "step", "constant"] = "poly"
+    warmup_ratio: float = Field(0.025, ge=0, lt=1)
+    poly_power: float = Field(1.0, gt=0)
+    step_size_epochs: int = Field(30, ge=1)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)
+    crops_per_image: int | Literal["auto"] = "auto"
+
+    # --- model --------------------------------------------------------------------------------
+    base_channel: int = Field(32, ge=4)
+    use_attention: bool = True
+
+    # --- loss ---------------------------------------------------------------------------------
+    weight_bce: float = Field(1.0, ge=0)
+    weight_dice: float = Field(1.0, ge=0)
+    pos_weight: float | None = Field(None, gt=0)
+
+    # --- data and augmentation ----------------------------------------------------------------
+    crop_size: int = Field(256, ge=16)
+    normalize: Literal["imagenet", "none"] = "imagenet"
+    rotate_limit: float = Field(180.0, ge=0, le=180)
+    rotate_prob: float = Field(0.5, ge=0, le=1)
+    rotate90_prob: float = Field(0.5, ge=0, le=1)
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    vflip_prob: float = Field(0.5, ge=0, le=1)
+    color_jitter_prob: float = Field(0.5, ge=0, le=1)
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.05, ge=0, le=0.5)
+    blur_prob: float = Field(0.2, ge=0, le=1)
+    blur_sigma_max: float = Field(1.5, gt=0)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str | None = "test"
+    skip_invalid: bool = False
+    num_workers: int = Field(4, ge=0)
+    cache_images: bool = True
+    cache_max_gb: float = Field(8.0, ge=0)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    window_size: int = Field(256, ge=16)
+    window_overlap: int = Field(32, ge=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+    # --- early stopping -----------------------------------------------------------------------
+    patience: int | None = Field(20, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+    # --- runtime ------------------------------------------------------------------------------
+    seed: int = 42
+    device: Literal["auto", "cuda", "mps", "cpu"] | str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: Literal["auto"] | bool = "auto"
+    time_limit_minutes: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "TrainConfig":
+        if self.window_overlap >= self.window_size:
+            raise ValueError("window_overlap must be smaller than window_size")
+        if self.weight_bce == 0 and self.weight_dice == 0:
+            raise ValueError("weight_bce and weight_dice cannot both be 0")
+        if not (self.device in ("auto", "cuda", "mps", "cpu") or self.device.startswith("cuda:")):
+            raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
+        return self
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None = None, base: "TrainConfig | None" = None) -> "TrainConfig":
+        """Validate ``values`` (only the keys that change) over ``base`` (or the defaults).
+
+        Raises :class:`ConfigError` whose message names every bad key.
+        """
+        values = dict(values or {})
+        merged = {**(base.model_dump() if base else {}), **values}
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "train config")) from None
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One line per problem, each naming its key, e.g. ``unknown key 'epochz'``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"invalid value for '{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"invalid {what}: " + "; ".join(lines)

@@ -1,0 +1,47 @@
+"""Checkpoints: everything needed to resume exactly, or to rebuild the model for evaluation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schemas.training import TrainConfig
+
+from .model import SNUNetCBAM
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Written to a temporary file and renamed, so a crash never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": FORMAT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # Checkpoints hold RNG states and plain Python containers, so the full unpickler is needed;
+    # only load checkpoints you wrote.
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a checkpoint of this trainer (format {state.get('format')})")
+    return state
+
+
+def build_model(config: TrainConfig) -> SNUNetCBAM:
+    return SNUNetCBAM(in_channels=3, base_channel=config.base_channel, use_attention=config.use_attention)
+
+
+def model_from_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[SNUNetCBAM, TrainConfig, dict]:
+    state = load_checkpoint(path, map_location)
+    config = TrainConfig.model_validate(state["config"])
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    return model, config, state

@@ -1,0 +1,1 @@
+"""Dataset layouts, the pre-training check, paired augmentation and torch datasets."""

@@ -1,0 +1,117 @@
+"""What the trainer tells the outside world, and how it is told to stop.
+
+The service logs to MLflow and publishes status events through these hooks; the CLI draws progress
+bars with them. None of them can change the training itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+RunStatus = Literal["completed", "early_stopped", "cancelled", "time_limit"]
+
+
+class CancelToken(Protocol):
+    """Anything with ``is_set()``; ``threading.Event`` is the usual one."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RunStartInfo:
+    config: dict[str, Any]
+    device: str
+    precision: str
+    compiled: bool
+    parameters: int
+    train_pairs: int
+    val_pairs: int
+    steps_per_epoch: int
+    total_steps: int
+    start_epoch: int  # 1-based; > 1 when resumed
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    epoch: int
+    step_in_epoch: int  # 1-based
+    steps_per_epoch: int
+    global_step: int  # 1-based, over the whole run
+    loss: float
+    lr: float
+    metrics: dict[str, float]  # of this batch
+
+
+@dataclass(frozen=True)
+class EpochInfo:
+    epoch: int
+    epochs: int
+    lr: float
+    train: dict[str, float]
+    val: dict[str, float]
+    is_best: bool
+    best_epoch: int
+    best_f1: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    kind: Literal["best", "last"]
+    path: Path
+    epoch: int
+
+
+@dataclass
+class TrainResult:
+    status: RunStatus
+    epochs_run: int
+    best: dict[str, float]  # epoch, f1, iou, precision, recall, accuracy (validation)
+    history: list[dict[str, Any]]
+    test: dict[str, float] | None
+    best_checkpoint: Path
+    last_checkpoint: Path
+    metrics_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainerHooks:
+    """Override what you need; every method defaults to doing nothing."""
+
+    def on_run_start(self, info: RunStartInfo) -> None: ...
+
+    def on_step_end(self, info: StepInfo) -> None: ...
+
+    def on_epoch_end(self, info: EpochInfo) -> None: ...
+
+    def on_checkpoint_saved(self, info: CheckpointInfo) -> None: ...
+
+    def on_run_end(self, result: TrainResult) -> None: ...
+
+
+class HookList(TrainerHooks):
+    def __init__(self, hooks: list[TrainerHooks] | None = None) -> None:
+        self.hooks = list(hooks or [])
+
+    def on_run_start(self, info: RunStartInfo) -> None:
+        for h in self.hooks:
+            h.on_run_start(info)
+
+    def on_step_end(self, info: StepInfo) -> None:
+        for h in self.hooks:
+            h.on_step_end(info)
+
+    def on_epoch_end(self, info: EpochInfo) -> None:
+        for h in self.hooks:
+            h.on_epoch_end(info)
+
+    def on_checkpoint_saved(self, info: CheckpointInfo) -> None:
+        for h in self.hooks:
+            h.on_checkpoint_saved(info)
+
+    def on_run_end(self, result: TrainResult) -> None:
+        for h in self.hooks:
+            h.on_run_end(result)
