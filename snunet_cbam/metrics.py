@@ -2,7 +2,8 @@
 
 Counts are accumulated on the device (no host sync per batch); epoch metrics come from the summed
 counts, never from averaging per-batch scores. When a ratio is 0/0 (a tile with no change and no
-predicted change) the score is 1.0: nothing was there and nothing was found.
+predicted change) the score is 1.0: nothing was there and nothing was found (scikit-learn's
+``zero_division=1``). F1 and IoU still fall to 0 when change is missed or invented.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ class ChangeMetrics:
 
     @property
     def precision(self) -> float:
-        return _ratio(self.tp, self.tp + self.fp) if (self.tp + self.fp) else (1.0 if self.fn == 0 else 0.0)
+        return _ratio(self.tp, self.tp + self.fp)
 
     @property
     def recall(self) -> float:
-        return _ratio(self.tp, self.tp + self.fn) if (self.tp + self.fn) else (1.0 if self.fp == 0 else 0.0)
+        return _ratio(self.tp, self.tp + self.fn)
 
     @property
     def f1(self) -> float:

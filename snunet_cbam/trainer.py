@@ -55,6 +55,7 @@ from .runtime import (
     should_compile,
 )
 from .schedules import build_scheduler
+from .step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,16 @@ class Trainer:
         train_loader, sampler, eval_loaders, epoch_steps = self._loaders(splits, device)
         total_steps = epoch_steps * cfg.epochs
 
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = build_model(cfg).to(device=device, memory_format=memory_format)
+        model = build_model(cfg).to(device)
         loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
         optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+        train_step = TrainStep(model, loss_fn, optimizer, device, precision, cfg.channels_last,
+                               compile=should_compile(cfg.compile, device))
         scheduler = build_scheduler(
             optimizer, kind=cfg.scheduler, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio,
             base_lr=cfg.lr, min_lr=cfg.min_lr, poly_power=cfg.poly_power, steps_per_epoch=epoch_steps,
             step_size_epochs=cfg.step_size_epochs, step_gamma=cfg.step_gamma,
         )
-        scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
 
         start_epoch, global_step, history = 1, 0, []
         best: dict[str, float] = {"epoch": 0, "f1": -1.0}
@@ -184,16 +185,14 @@ class Trainer:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            train_step.scaler.load_state_dict(state["scaler"])
             restore_rng_state(state["rng"])
             start_epoch = state["epoch"] + 1
             global_step, history, best = state["global_step"], state["history"], state["best"]
             epochs_without_improvement = state["epochs_without_improvement"]
 
-        compiled = should_compile(cfg.compile, device)
-        step_model = torch.compile(model) if compiled else model
         self.hooks.on_run_start(RunStartInfo(
-            config=cfg.model_dump(), device=str(device), precision=precision.name, compiled=compiled,
+            config=cfg.model_dump(), device=str(device), precision=precision.name, compiled=train_step.compiled,
             parameters=count_parameters(model), train_pairs=len(splits.valid("train")),
             val_pairs=len(splits.valid("val")), steps_per_epoch=epoch_steps, total_steps=total_steps,
             start_epoch=start_epoch, out_dir=self.out_dir,
@@ -207,7 +206,7 @@ class Trainer:
         def checkpoint_state(epoch: int) -> dict[str, Any]:
             return {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "scheduler": scheduler.state_dict(), "scaler": train_step.scaler.state_dict(), "epoch": epoch,
                 "global_step": global_step, "best": best, "history": history,
                 "epochs_without_improvement": epochs_without_improvement, "config": cfg.model_dump(),
                 "rng": capture_rng_state(),
@@ -227,23 +226,15 @@ class Trainer:
                 if stop:
                     status = stop
                     break
-                a = batch["a"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                b = batch["b"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                label = batch["label"].to(device, non_blocking=True)
-                with precision.autocast(device):
-                    logits = step_model(a, b)
-                loss = loss_fn(logits, label)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                a, b, label = train_step.inputs(batch)
+                loss, logits = train_step(a, b, label)
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 global_step += 1
 
-                counts = confusion_counts(logits.detach(), label, cfg.threshold)
+                counts = confusion_counts(logits, label, cfg.threshold)
                 confusion.update(counts)
-                loss_sum += loss.detach() * a.shape[0]
+                loss_sum += loss * a.shape[0]
                 seen += a.shape[0]
                 self.hooks.on_step_end(StepInfo(
                     epoch=epoch, step_in_epoch=step, steps_per_epoch=epoch_steps, global_step=global_step,

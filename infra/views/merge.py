@@ -1,0 +1,160 @@
+"""How a status event changes a job view: one plan, applied identically by every backend.
+
+Ordering policy (the part every backend must agree on):
+
+1. **Sequence order is authoritative per job.** An event whose ``sequence`` is greater than the
+   view's ``last_sequence`` *advances* the view; anything else (a duplicate, or an event that
+   arrives after a newer one) does not, and ``apply`` returns False. Advancing and recording
+   the new position happen in one conditional write, so a redelivered event is a no-op.
+2. **Terminal states are not special.** A higher sequence wins even over SUCCEEDED/FAILED/
+   CANCELLED. This keeps the view a pure function of the *set* of events (it converges whatever
+   the arrival order; "first terminal wins" would not), and a retried job, whose worker
+   continues the sequence, is shown truthfully. Not publishing after a terminal state is the
+   publisher's job.
+3. **Order-free facts survive a late event.** A stale event still contributes what cannot go
+   backward: the submission (request, submitted_at, source, trigger), filled only while the
+   view has none (a QUEUED overtaken by STARTING), and its per-epoch history entry, kept when
+   newer than the stored one for that epoch. Both are conditional, idempotent writes.
+4. **Fields.** ``state``, ``phase``, ``error`` and ``updated_at`` describe the newest event and
+   are overwritten (``None`` included). Every other progress field (epoch, epochs, step,
+   metrics, mlflow_run_id, model_version, model_alias) keeps its last non-null value, so
+   publishers repeat known facts on later events (see :mod:`schemas.events`). SUCCEEDED's
+   metrics become both ``metrics`` and ``best_metrics``.
+
+Storage documents (shared by the Mongo and in-memory stores): the JobView fields, ``_id`` equal
+to ``job_id``, and ``history`` as ``{"<epoch>": {"epoch", "sequence", "time", "metrics"}}`` so
+that one epoch's entry can be set on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from schemas.events import StatusEvent
+from schemas.jobs import JobPhase, JobState, JobView
+
+# Fields that keep their last non-null value (point 4 above).
+STICKY_FIELDS = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias")
+
+
+class InvalidCursor(ValueError):
+    """A list cursor that this store did not produce (or that was tampered with)."""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    epoch: int
+    sequence: int
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ViewUpdate:
+    """What one event does to the stored document of its job."""
+
+    job_id: str
+    sequence: int
+    advance: dict[str, Any]  # set when the event is newer than the view (incl. last_sequence)
+    on_insert: dict[str, Any] = field(default_factory=dict)  # only when the event creates the view
+    submission: dict[str, Any] | None = None  # set when newer, else filled if the view has none
+    history: HistoryEntry | None = None  # set when newer than the stored entry for its epoch
+
+
+def plan_update(event: StatusEvent) -> ViewUpdate:
+    data = event.data
+    advance: dict[str, Any] = {
+        "job_id": data.job_id,
+        "state": data.state.value,
+        "phase": data.phase.value if data.phase else None,
+        "error": data.error if data.state in (JobState.FAILED, JobState.CANCELLED) else None,
+        "updated_at": event.time,
+        "last_sequence": data.sequence,
+    }
+    for name in STICKY_FIELDS:
+        value = getattr(data, name)
+        if value is not None:
+            advance[name] = value
+    if data.metrics is not None:
+        advance["metrics"] = dict(data.metrics)
+        if data.state is JobState.SUCCEEDED:
+            advance["best_metrics"] = dict(data.metrics)
+
+    submission = None
+    on_insert: dict[str, Any] = {}
+    if data.request is not None:
+        submission = {
+            "request": data.request.model_dump(mode="json"),
+            "submitted_at": data.submitted_at or event.time,
+            "source": data.source,
+            "trigger": data.trigger.model_dump() if data.trigger else None,
+            "model_name": data.request.model_name,
+        }
+    else:
+        # Until the QUEUED event is seen the view still needs a position in the newest-first
+        # listing: the first event's time stands in for submitted_at.
+        on_insert["submitted_at"] = event.time
+
+    history = None
+    if (
+        data.state is JobState.RUNNING
+        and data.epoch is not None
+        and data.metrics is not None
+        and data.phase in (None, JobPhase.TRAINING)
+    ):
+        history = HistoryEntry(
+            epoch=data.epoch,
+            sequence=data.sequence,
+            doc={"epoch": data.epoch, "sequence": data.sequence, "time": event.time, "metrics": dict(data.metrics)},
+        )
+    return ViewUpdate(
+        job_id=data.job_id,
+        sequence=data.sequence,
+        advance=advance,
+        on_insert=on_insert,
+        submission=submission,
+        history=history,
+    )
+
+
+def doc_to_view(doc: dict[str, Any]) -> JobView:
+    history = sorted((doc.get("history") or {}).values(), key=lambda h: h["epoch"])
+    return JobView.model_validate(
+        {
+            **doc,
+            "job_id": doc["_id"],
+            "history": [{"epoch": h["epoch"], "metrics": h["metrics"], "time": h.get("time")} for h in history],
+        }
+    )
+
+
+# --- list cursors ------------------------------------------------------------------------------
+# Opaque to clients: base64 of the (submitted_at, job_id) of the last item of the page.
+
+
+def encode_cursor(submitted_at: datetime, job_id: str) -> str:
+    raw = json.dumps({"t": submitted_at.isoformat(), "j": job_id}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        values = json.loads(raw)
+        submitted_at = datetime.fromisoformat(values["t"])
+        job_id = values["j"]
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InvalidCursor(f"invalid cursor {cursor!r}") from None
+    if submitted_at.tzinfo is None or not isinstance(job_id, str):
+        raise InvalidCursor(f"invalid cursor {cursor!r}")
+    return submitted_at, job_id
+
+
+def check_limit(limit: int, maximum: int = 1000) -> int:
+    if not 1 <= limit <= maximum:
+        raise ValueError(f"limit must be between 1 and {maximum}, got {limit}")
+    return limit

@@ -1,0 +1,148 @@
+"""Job views in MongoDB, through PyMongo's async API (``pymongo.AsyncMongoClient``).
+
+Each event is projected with one conditional upsert that both changes the view and records the
+processed position (``last_sequence``), as an event-sourcing projector does; see
+:mod:`infra.views.merge` for the ordering policy.
+"""
+
+from __future__ import annotations
+
+from datetime import timezone
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
+
+from infra.views.merge import ViewUpdate, check_limit, decode_cursor, doc_to_view, encode_cursor, plan_update
+from schemas.events import StatusEvent
+from schemas.jobs import JobState, JobView
+
+DEFAULT_DATABASE = "cdtrain"
+DEFAULT_COLLECTION = "jobs"
+# Newest first, ties broken by job id. The tie-breaker is the ``job_id`` field, a copy of
+# ``_id``: nx-27017 cannot build a compound index that includes ``_id``.
+_NEWEST_FIRST = [("submitted_at", DESCENDING), ("job_id", DESCENDING)]
+
+
+class MongoJobViewStore:
+    def __init__(self, collection: AsyncCollection, *, client: AsyncMongoClient | None = None) -> None:
+        """Use ``collection``; ``client``, when given, is owned and closed by :meth:`close`."""
+        self._col = collection
+        self._client = client
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        database: str | None = None,
+        collection: str = DEFAULT_COLLECTION,
+        **client_options: Any,
+    ) -> "MongoJobViewStore":
+        """A store on its own client. ``database`` defaults to the URL's, then ``cdtrain``.
+
+        No I/O happens here: the client connects on first use.
+        """
+        options: dict[str, Any] = {"tz_aware": True, "tzinfo": timezone.utc, **client_options}
+        client: AsyncMongoClient = AsyncMongoClient(url, **options)
+        db = client[database] if database else client.get_default_database(default=DEFAULT_DATABASE)
+        return cls(db[collection], client=client)
+
+    @property
+    def collection(self) -> AsyncCollection:
+        return self._col
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def apply(self, event: StatusEvent) -> bool:
+        plan = plan_update(event)
+        newer = {"_id": plan.job_id, "last_sequence": {"$lt": plan.sequence}}
+        update = _advance_update(plan)
+        try:
+            await self._col.update_one(newer, update, upsert=True)
+            return True
+        except DuplicateKeyError:
+            # The filter missed and the insert hit an existing _id: either the view is already
+            # at or past this sequence, or a concurrent writer created it between our miss and
+            # our insert. A plain conditional update tells the two apart.
+            if (await self._col.update_one(newer, update)).matched_count:
+                return True
+        await self._merge_stale(plan)
+        return False
+
+    async def _merge_stale(self, plan: ViewUpdate) -> None:
+        if plan.submission is not None:
+            # {"request": None} matches a missing or null request: fill once, never overwrite.
+            await self._col.update_one({"_id": plan.job_id, "request": None}, {"$set": plan.submission})
+        if plan.history is not None:
+            path = f"history.{plan.history.epoch}"
+            await self._col.update_one(
+                # Explicit $and for nx-27017, as in list().
+                {
+                    "$and": [
+                        {"_id": plan.job_id},
+                        {"$or": [{path: {"$exists": False}}, {f"{path}.sequence": {"$lt": plan.history.sequence}}]},
+                    ]
+                },
+                {"$set": {path: plan.history.doc}},
+            )
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobView | None:
+        doc = await self._col.find_one({"_id": job_id})
+        return doc_to_view(doc) if doc is not None else None
+
+    async def list(
+        self, limit: int = 50, cursor: str | None = None, state: JobState | str | None = None
+    ) -> tuple[list[JobView], str | None]:
+        check_limit(limit)
+        clauses: list[dict[str, Any]] = []
+        if state is not None:
+            clauses.append({"state": JobState(state).value})
+        if cursor:
+            submitted_at, job_id = decode_cursor(cursor)
+            clauses.append(
+                {"$or": [{"submitted_at": {"$lt": submitted_at}}, {"submitted_at": submitted_at, "job_id": {"$lt": job_id}}]}
+            )
+        # An explicit $and: nx-27017 drops a top-level field condition that sits beside an $or
+        # over datetimes ({"state": …, "$or": […]} matched other states); MongoDB reads both alike.
+        query: dict[str, Any] = {"$and": clauses} if len(clauses) > 1 else (clauses[0] if clauses else {})
+        # One extra document tells whether another page exists without a count query.
+        docs = await self._col.find(query).sort(_NEWEST_FIRST).limit(limit + 1).to_list()
+        page = [doc_to_view(d) for d in docs[:limit]]
+        next_cursor = encode_cursor(page[-1].submitted_at, page[-1].job_id) if len(docs) > limit else None
+        return page, next_cursor
+
+    async def find_by_idempotency_key(self, key: str) -> JobView | None:
+        docs = await self._col.find({"request.idempotency_key": key}).sort(_NEWEST_FIRST).limit(1).to_list()
+        return doc_to_view(docs[0]) if docs else None
+
+    async def ensure_indexes(self) -> None:
+        """The indexes behind :meth:`list` (with and without a state) and the idempotency lookup.
+
+        Idempotent. Nothing depends on index names (nx-27017 names them its own way), and the
+        idempotency index is not unique: racing submissions share a derived job id instead
+        (:func:`schemas.jobs.new_job_id`).
+        """
+        await self._col.create_index(_NEWEST_FIRST)
+        await self._col.create_index([("state", ASCENDING), *_NEWEST_FIRST])
+        await self._col.create_index([("request.idempotency_key", ASCENDING)])
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def _advance_update(plan: ViewUpdate) -> dict[str, Any]:
+    to_set = dict(plan.advance)
+    if plan.submission is not None:
+        to_set.update(plan.submission)
+    if plan.history is not None:
+        to_set[f"history.{plan.history.epoch}"] = plan.history.doc
+    update: dict[str, Any] = {"$set": to_set}
+    on_insert = {k: v for k, v in plan.on_insert.items() if k not in to_set}
+    if on_insert:
+        update["$setOnInsert"] = on_insert
+    return update

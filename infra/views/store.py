@@ -1,0 +1,37 @@
+"""The job view store: what the projector writes and the ingress reads."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from schemas.events import StatusEvent
+from schemas.jobs import JobState, JobView
+
+
+@runtime_checkable
+class JobViewStore(Protocol):
+    """Job views keyed by job id; see :mod:`infra.views.merge` for the ordering policy."""
+
+    async def apply(self, event: StatusEvent) -> bool:
+        """Project one event. True if it advanced the view; False for a duplicate or stale event."""
+        ...
+
+    async def get(self, job_id: str) -> JobView | None: ...
+
+    async def list(
+        self, limit: int = 50, cursor: str | None = None, state: JobState | str | None = None
+    ) -> tuple[list[JobView], str | None]:
+        """Newest first (submitted_at, then job_id); the second item is the next page's cursor.
+
+        Raises :class:`~infra.views.merge.InvalidCursor` for a cursor it did not produce and
+        ValueError for a limit outside 1..1000.
+        """
+        ...
+
+    async def find_by_idempotency_key(self, key: str) -> JobView | None:
+        """The newest job submitted with this idempotency key, if any."""
+        ...
+
+    async def ensure_indexes(self) -> None: ...
+
+    async def close(self) -> None: ...

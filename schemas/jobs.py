@@ -1,0 +1,248 @@
+"""Job contracts: the train request a user submits, the job that travels on the bus, the read model.
+
+``TrainRequest`` is user input (REST body or a bucket trigger), so it forbids unknown keys and
+validates its config overrides with :class:`~schemas.training.TrainConfig` up front: a bad key is
+rejected at the edge instead of hours later on a GPU worker.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from schemas.training import ConfigError, TrainConfig
+
+# A job id travels inside AMQP topic routing keys (``job.<id>.<state>``), so no dots, ``*`` or ``#``.
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# MLflow accepts almost anything as a registered model name; we keep URL- and path-safe names.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
+
+# Namespace for job ids derived from idempotency keys (uuid5): stable across processes and releases.
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0f3a52-8d7e-4f0c-9a51-6a1f3c2d9e44")
+
+
+def _to_utc_ms(value: datetime) -> datetime:
+    # Naive datetimes are taken as UTC. Truncated to milliseconds because that is what MongoDB
+    # stores: every backend then round-trips a view exactly, and list cursors compare equal.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    value = value.astimezone(timezone.utc)
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_to_utc_ms)]
+"""A timezone-aware UTC datetime at millisecond precision (naive input is taken as UTC)."""
+
+
+def utc_now() -> datetime:
+    """Now, in UTC, at millisecond precision (see :data:`UtcDatetime`)."""
+    return _to_utc_ms(datetime.now(timezone.utc))
+
+
+def _finite_or_none(values: Any) -> Any:
+    # JSON has no NaN/Infinity and MongoDB-compatible stores may refuse them (nx-27017 does):
+    # a diverged loss is recorded as null rather than breaking the event or the view.
+    if isinstance(values, dict):
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
+        }
+    return values
+
+
+Metrics = Annotated[dict[str, float | None], BeforeValidator(_finite_or_none)]
+"""Metric name -> value; non-finite values become ``None``."""
+
+
+def new_job_id(idempotency_key: str | None = None) -> str:
+    """A fresh job id, or the one id an idempotency key always maps to.
+
+    Deriving the id from the key lets two racing submissions with the same key collapse onto
+    one job (both write the same view) instead of needing a unique index to arbitrate.
+    """
+    if idempotency_key is not None:
+        return uuid.uuid5(_IDEMPOTENCY_NAMESPACE, idempotency_key).hex
+    return uuid.uuid4().hex
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``; raises ValueError otherwise."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    # Loose on purpose (legacy AWS names, moto and MinIO differ); S3 itself rejects bad names.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
+        raise ValueError(f"invalid bucket name {bucket!r} in {uri!r}")
+    return bucket, key
+
+
+def _check_location(uri: str) -> str:
+    uri = uri.strip()
+    if not uri:
+        raise ValueError("must not be empty")
+    scheme, sep, _ = uri.partition("://")
+    if not sep:
+        return uri  # a local path (embedded mode)
+    if scheme == "s3":
+        split_s3_uri(uri)
+        return uri
+    if scheme == "file":
+        if len(uri) <= len("file://"):
+            raise ValueError(f"file:// URI without a path: {uri!r}")
+        return uri
+    raise ValueError(f"unsupported scheme {scheme!r}: use s3://bucket/prefix, file:///path or a local path")
+
+
+class TrainRequest(BaseModel):
+    """What a user asks for: train on this dataset, with these config overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    dataset_uri: str = Field(
+        description="s3://bucket/prefix (a dataset layout) or s3://bucket/key.zip|.tar.gz (one "
+        "archive); file:///path or a plain local path in the embedded one-machine mode."
+    )
+    config_uri: str | None = Field(None, description="A YAML training config (same URI forms).")
+    register_model: bool = False
+    config: dict[str, Any] | None = Field(
+        None, description="TrainConfig overrides (only the keys that change), applied over config_uri."
+    )
+    model_name: str = Field("snunet-cbam", pattern=MODEL_NAME_PATTERN)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+
+    @field_validator("dataset_uri", "config_uri")
+    @classmethod
+    def _location(cls, value: str | None) -> str | None:
+        return None if value is None else _check_location(value)
+
+    @field_validator("config")
+    @classmethod
+    def _overrides(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                TrainConfig.from_mapping(value)
+            except ConfigError as exc:
+                # ConfigError's message names the bad key; ValueError makes pydantic report it
+                # under loc ("config",).
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def dataset_is_archive(self) -> bool:
+        return self.dataset_uri.lower().endswith(ARCHIVE_SUFFIXES)
+
+    def train_config(self, base: TrainConfig | None = None) -> TrainConfig:
+        """The effective config: these overrides over ``base`` (e.g. loaded from ``config_uri``)."""
+        return TrainConfig.from_mapping(self.config, base)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def _missing_(cls, value: object) -> "JobState | None":
+        # Accept "RUNNING" as well as "running" (query strings, enum names in configs).
+        if isinstance(value, str):
+            return cls.__members__.get(value.upper())
+        return None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class JobPhase(StrEnum):
+    DOWNLOADING = "downloading"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    REGISTERING = "registering"
+
+    @classmethod
+    def _missing_(cls, value: object) -> "JobPhase | None":
+        if isinstance(value, str):
+            return cls.__members__.get(value.upper())
+        return None
+
+
+JobSource = Literal["api", "bucket"]
+
+
+class BucketTrigger(BaseModel):
+    """The bucket object whose creation submitted a job."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    bucket: str
+    key: str
+    etag: str | None = None
+    version_id: str | None = None
+    sequencer: str | None = None
+    event_time: UtcDatetime | None = None
+
+
+class TrainJob(BaseModel):
+    """The command on the bus: one accepted request, with the id every status event refers to."""
+
+    # Tolerant reader: during a rolling deploy a newer ingress may add fields an older worker
+    # doesn't know; the user-facing TrainRequest inside stays strict.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
+    request: TrainRequest
+    submitted_at: UtcDatetime = Field(default_factory=utc_now)
+    source: JobSource = "api"
+    trigger: BucketTrigger | None = None
+
+
+class EpochMetrics(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    epoch: int = Field(ge=0)
+    metrics: Metrics
+    time: UtcDatetime | None = None
+
+
+class JobView(BaseModel):
+    """The read model served by GET /train[/{id}]: the projection of a job's status events.
+
+    ``request``/``submitted_at``/``source`` come from the QUEUED event; until it has been
+    projected (events can arrive out of order) ``request`` is None and ``submitted_at`` is the
+    time of the first event seen.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, protected_namespaces=())
+
+    job_id: str
+    state: JobState
+    phase: JobPhase | None = None
+    request: TrainRequest | None = None
+    submitted_at: UtcDatetime
+    updated_at: UtcDatetime
+    last_sequence: int = Field(ge=0)
+    source: JobSource | None = None
+    trigger: BucketTrigger | None = None
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    metrics: Metrics | None = None
+    best_metrics: Metrics | None = None
+    error: str | None = None
+    mlflow_run_id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    model_alias: str | None = None
+    history: list[EpochMetrics] = Field(default_factory=list)

@@ -1,0 +1,437 @@
+"""Job view stores: the same scenarios on the in-memory store and on MongoDB (nx-27017 or $MONGODB_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from pymongo.errors import DuplicateKeyError
+
+from infra.views import InMemoryJobViewStore, InvalidCursor, JobViewStore, MongoJobViewStore, Projector, open_view_store
+from schemas import JobPhase, JobState, StatusEvent, TrainJob, TrainRequest, event_source
+
+WORKER = event_source("worker", "gpu-0")
+INGRESS = event_source("ingress", "api-0")
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def queued(job_id: str, *, at: datetime = T0, key: str | None = None, sequence: int = 0) -> StatusEvent:
+    request = TrainRequest(dataset_uri=f"s3://datasets/{job_id}.zip", idempotency_key=key, config={"epochs": 3})
+    return StatusEvent.queued(TrainJob(job_id=job_id, request=request, submitted_at=at), source=INGRESS, sequence=sequence)
+
+
+def lifecycle(job_id: str, at: datetime = T0) -> list[StatusEvent]:
+    """A 3-epoch job that follows the publishing conventions (known facts repeated), in order."""
+    run = "run-1"
+    tick = iter(range(1, 100))
+
+    def ev(seq: int, state: str, **kw: object) -> StatusEvent:
+        return StatusEvent.for_job(job_id, seq, state, source=WORKER, time=at + timedelta(seconds=next(tick)), **kw)
+
+    events = [queued(job_id, at=at), ev(1, "starting", phase="downloading", mlflow_run_id=run)]
+    seq = 2
+    for epoch in (1, 2, 3):
+        common = {"epoch": epoch, "epochs": 3, "mlflow_run_id": run}
+        events.append(ev(seq, "running", phase="training", step=epoch * 10 - 5, **common))
+        events.append(ev(seq + 1, "running", phase="training", step=epoch * 10,
+                         metrics={"val_f1": 0.5 + epoch / 10, "loss": 1.0 / epoch}, **common))
+        seq += 2
+    events.append(ev(seq, "running", phase="registering", epoch=3, epochs=3, step=30, mlflow_run_id=run))
+    events.append(ev(seq + 1, "succeeded", epoch=3, epochs=3, step=30, mlflow_run_id=run,
+                     metrics={"val_f1": 0.8, "test_f1": 0.79}, model_version="4", model_alias="candidate"))
+    return events
+
+
+def comparable(view) -> dict:
+    dump = view.model_dump()
+    dump.pop("job_id")
+    dump["request"].pop("dataset_uri")
+    return dump
+
+
+# --- basics ------------------------------------------------------------------------------------------------
+
+
+async def test_get_unknown_is_none(view_store: JobViewStore) -> None:
+    assert await view_store.get("nope") is None
+
+
+async def test_queued_creates_the_view(view_store: JobViewStore) -> None:
+    event = queued("job-1", key="k-1")
+    assert await view_store.apply(event) is True
+    view = await view_store.get("job-1")
+    assert view is not None
+    assert view.state is JobState.QUEUED
+    assert view.request == event.data.request
+    assert view.submitted_at == T0
+    assert view.updated_at == T0
+    assert view.source == "api"
+    assert view.model_name == "snunet-cbam"
+    assert view.last_sequence == 0
+    assert view.history == []
+
+
+async def test_full_lifecycle_in_order(view_store: JobViewStore) -> None:
+    events = lifecycle("job-1")
+    assert [await view_store.apply(e) for e in events] == [True] * len(events)
+    view = await view_store.get("job-1")
+    assert view.state is JobState.SUCCEEDED
+    assert view.phase is None
+    assert view.last_sequence == events[-1].sequence
+    assert view.updated_at == events[-1].time
+    assert (view.epoch, view.epochs, view.step) == (3, 3, 30)
+    assert view.mlflow_run_id == "run-1"
+    assert (view.model_version, view.model_alias) == ("4", "candidate")
+    assert view.best_metrics == {"val_f1": 0.8, "test_f1": 0.79}
+    assert view.metrics == view.best_metrics
+    assert view.error is None
+    assert [h.epoch for h in view.history] == [1, 2, 3]
+    assert view.history[1].metrics == {"val_f1": pytest.approx(0.7), "loss": 0.5}
+    assert view.history[0].time == events[3].time
+    assert view.submitted_at == T0
+
+
+async def test_running_metrics_are_latest_and_phase_follows_newest_event(view_store: JobViewStore) -> None:
+    events = lifecycle("job-1")
+    for e in events[:4]:  # up to epoch 1's summary
+        await view_store.apply(e)
+    view = await view_store.get("job-1")
+    assert view.state is JobState.RUNNING
+    assert view.phase is JobPhase.TRAINING
+    assert view.metrics == {"val_f1": pytest.approx(0.6), "loss": 1.0}
+    assert view.best_metrics is None
+    await view_store.apply(events[4])  # epoch 2 progress event without metrics
+    view = await view_store.get("job-1")
+    assert view.metrics == {"val_f1": pytest.approx(0.6), "loss": 1.0}  # kept
+    assert view.epoch == 2 and view.step == 15
+
+
+async def test_failed_sets_error(view_store: JobViewStore) -> None:
+    await view_store.apply(queued("job-1"))
+    await view_store.apply(StatusEvent.for_job("job-1", 1, "failed", source=WORKER, error="CUDA out of memory"))
+    view = await view_store.get("job-1")
+    assert view.state is JobState.FAILED and view.state.is_terminal
+    assert view.error == "CUDA out of memory"
+
+
+# --- ordering and idempotency --------------------------------------------------------------------------------
+
+
+async def test_duplicate_is_ignored(view_store: JobViewStore) -> None:
+    events = lifecycle("job-1")[:4]
+    for e in events:
+        await view_store.apply(e)
+    before = await view_store.get("job-1")
+    for e in events:
+        assert await view_store.apply(e) is False
+    assert await view_store.get("job-1") == before
+
+
+async def test_view_never_goes_backward(view_store: JobViewStore) -> None:
+    await view_store.apply(queued("job-1"))
+    late = StatusEvent.for_job("job-1", 3, "running", source=WORKER, phase="training", epoch=1, step=7)
+    assert await view_store.apply(late) is True
+    earlier = StatusEvent.for_job("job-1", 2, "starting", source=WORKER, phase="downloading", epoch=0, step=0)
+    assert await view_store.apply(earlier) is False
+    view = await view_store.get("job-1")
+    assert view.state is JobState.RUNNING
+    assert view.phase is JobPhase.TRAINING
+    assert (view.last_sequence, view.epoch, view.step) == (3, 1, 7)
+    # Same sequence, different content: the first one projected stays.
+    rival = StatusEvent.for_job("job-1", 3, "failed", source=WORKER, error="rival")
+    assert await view_store.apply(rival) is False
+    assert (await view_store.get("job-1")).state is JobState.RUNNING
+
+
+async def test_stale_running_after_terminal_is_ignored(view_store: JobViewStore) -> None:
+    await view_store.apply(queued("job-1"))
+    await view_store.apply(StatusEvent.for_job("job-1", 5, "failed", source=WORKER, error="disk full"))
+    assert await view_store.apply(StatusEvent.for_job("job-1", 4, "running", source=WORKER, epoch=2)) is False
+    view = await view_store.get("job-1")
+    assert (view.state, view.error, view.epoch) == (JobState.FAILED, "disk full", None)
+
+
+async def test_higher_sequence_after_terminal_wins(view_store: JobViewStore) -> None:
+    # Documented policy: sequence order is authoritative, so a retried attempt that continues
+    # the sequence is shown (and its error cleared) rather than hidden behind the old FAILED.
+    await view_store.apply(queued("job-1"))
+    await view_store.apply(StatusEvent.for_job("job-1", 5, "failed", source=WORKER, error="preempted"))
+    assert await view_store.apply(StatusEvent.for_job("job-1", 6, "running", source=WORKER, epoch=1)) is True
+    view = await view_store.get("job-1")
+    assert (view.state, view.error, view.epoch) == (JobState.RUNNING, None, 1)
+
+
+async def test_late_queued_fills_the_request(view_store: JobViewStore) -> None:
+    await view_store.apply(StatusEvent.for_job("job-0", 1, "starting", source=WORKER, time=T0))
+    neighbour = await view_store.get("job-0")  # also lacks a request: must stay so
+    starting = StatusEvent.for_job("job-1", 1, "starting", source=WORKER, phase="downloading", time=T0 + timedelta(seconds=9))
+    assert await view_store.apply(starting) is True
+    view = await view_store.get("job-1")
+    assert view.request is None
+    assert view.submitted_at == T0 + timedelta(seconds=9)  # stand-in until QUEUED is seen
+
+    event = queued("job-1", key="k-late")
+    assert await view_store.apply(event) is False  # stale: it does not move the view back...
+    view = await view_store.get("job-1")
+    assert view.state is JobState.STARTING and view.last_sequence == 1
+    assert view.request == event.data.request  # ...but the submission is kept
+    assert view.submitted_at == T0
+    assert view.source == "api"
+    assert view.model_name == "snunet-cbam"
+    assert (await view_store.find_by_idempotency_key("k-late")).job_id == "job-1"
+    assert await view_store.apply(event) is False  # and a second copy changes nothing
+    assert await view_store.get("job-1") == view
+    assert await view_store.get("job-0") == neighbour
+
+
+async def test_late_epoch_summary_still_lands_in_history(view_store: JobViewStore) -> None:
+    for e in lifecycle("job-0", at=T0 - timedelta(hours=1))[:5]:  # a neighbour the merges must not touch
+        await view_store.apply(e)
+    neighbour = await view_store.get("job-0")
+    events = lifecycle("job-1")
+    epoch2_summary = events[5]
+    assert (epoch2_summary.data.epoch, epoch2_summary.data.metrics is not None) == (2, True)
+    for e in events[:5] + events[6:9]:  # epoch 3 is summarised before epoch 2's summary arrives
+        await view_store.apply(e)
+    assert [h.epoch for h in (await view_store.get("job-1")).history] == [1, 3]
+    assert await view_store.apply(epoch2_summary) is False
+    view = await view_store.get("job-1")
+    assert [h.epoch for h in view.history] == [1, 2, 3]
+    assert view.history[1].metrics == epoch2_summary.data.metrics
+    assert view.epoch == 3 and view.last_sequence == events[8].sequence
+    assert await view_store.get("job-0") == neighbour
+
+
+async def test_older_epoch_report_does_not_replace_newer_history_entry(view_store: JobViewStore) -> None:
+    newer = StatusEvent.for_job("job-1", 7, "running", source=WORKER, epoch=2, metrics={"val_f1": 0.9})
+    older = StatusEvent.for_job("job-1", 6, "running", source=WORKER, epoch=2, metrics={"val_f1": 0.1})
+    await view_store.apply(newer)
+    await view_store.apply(older)
+    assert (await view_store.get("job-1")).history[0].metrics == {"val_f1": 0.9}
+
+
+async def test_any_arrival_order_converges(view_store: JobViewStore) -> None:
+    reference = lifecycle("ref")
+    for e in reference:
+        await view_store.apply(e)
+    expected = comparable(await view_store.get("ref"))
+    for seed in range(5):
+        events = lifecycle(f"job-{seed}")
+        random.Random(seed).shuffle(events)
+        for e in events:
+            await view_store.apply(e)
+        assert comparable(await view_store.get(f"job-{seed}")) == expected, f"order seed {seed}"
+
+
+async def test_concurrent_applies_converge(view_store: JobViewStore) -> None:
+    reference = lifecycle("ref")
+    for e in reference:
+        await view_store.apply(e)
+    expected = comparable(await view_store.get("ref"))
+
+    events = lifecycle("job-c")
+
+    async def deliver(seed: int) -> list[bool]:
+        mine = list(events)
+        random.Random(seed).shuffle(mine)
+        return [await view_store.apply(e) for e in mine]
+
+    results = await asyncio.gather(*(deliver(seed) for seed in range(8)))
+    view = await view_store.get("job-c")
+    assert comparable(view) == expected
+    # Every delivery of the newest event either applied it or found it applied; overall no more
+    # advances than events, and at least one (the first write of the view).
+    advanced = sum(sum(r) for r in results)
+    assert 1 <= advanced <= len(events)
+
+
+async def test_projector_counts(view_store: JobViewStore) -> None:
+    projector = Projector(view_store)
+    events = lifecycle("job-1")[:3]
+    for e in events + events:
+        await projector.handle(e)
+    assert (projector.applied, projector.ignored) == (3, 3)
+    assert (await view_store.get("job-1")).last_sequence == 2
+
+
+# --- listing ------------------------------------------------------------------------------------------------
+
+
+async def _seed_jobs(store: JobViewStore) -> list[str]:
+    """Nine jobs; pairs share a submitted_at so the job-id tie-break matters. Newest first order returned."""
+    ids = []
+    for i in range(9):
+        job_id = f"job-{i}"
+        await store.apply(queued(job_id, at=T0 + timedelta(seconds=i // 2)))
+        if i % 3 == 0:
+            await store.apply(StatusEvent.for_job(job_id, 1, "running", source=WORKER, epoch=1))
+        ids.append(job_id)
+    return sorted(ids, key=lambda j: (T0 + timedelta(seconds=int(j[4:]) // 2), j), reverse=True)
+
+
+async def test_list_newest_first_with_pages(view_store: JobViewStore) -> None:
+    expected = await _seed_jobs(view_store)
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        page, cursor = await view_store.list(limit=4, cursor=cursor)
+        assert len(page) <= 4
+        seen += [v.job_id for v in page]
+        pages += 1
+        if cursor is None:
+            break
+    assert seen == expected
+    assert pages == 3
+    everything, cursor = await view_store.list(limit=9)
+    assert [v.job_id for v in everything] == expected and cursor is None
+
+
+async def test_list_exact_page_has_no_next_cursor(view_store: JobViewStore) -> None:
+    await _seed_jobs(view_store)
+    page, cursor = await view_store.list(limit=8)
+    assert len(page) == 8 and cursor is not None
+    last, cursor = await view_store.list(limit=8, cursor=cursor)
+    assert len(last) == 1 and cursor is None
+
+
+async def test_list_filters_by_state(view_store: JobViewStore) -> None:
+    expected = await _seed_jobs(view_store)
+    running = [j for j in expected if int(j[4:]) % 3 == 0]
+    page, cursor = await view_store.list(limit=2, state=JobState.RUNNING)
+    rest, end = await view_store.list(limit=2, cursor=cursor, state="RUNNING")
+    assert [v.job_id for v in page + rest] == running
+    assert end is None
+    assert all(v.state is JobState.RUNNING for v in page + rest)
+    queued_only, _ = await view_store.list(limit=50, state="queued")
+    assert [v.job_id for v in queued_only] == [j for j in expected if j not in running]
+    assert await view_store.list(state=JobState.SUCCEEDED) == ([], None)
+
+
+async def test_list_empty_and_bad_arguments(view_store: JobViewStore) -> None:
+    assert await view_store.list() == ([], None)
+    with pytest.raises(InvalidCursor):
+        await view_store.list(cursor="not-a-cursor")
+    with pytest.raises(ValueError, match="limit"):
+        await view_store.list(limit=0)
+    with pytest.raises(ValueError, match="limit"):
+        await view_store.list(limit=1001)
+    with pytest.raises(ValueError):
+        await view_store.list(state="paused")
+
+
+# --- idempotency ---------------------------------------------------------------------------------------------
+
+
+async def test_find_by_idempotency_key(view_store: JobViewStore) -> None:
+    await view_store.apply(queued("job-a", key="upload-1", at=T0))
+    await view_store.apply(queued("job-b", key="upload-2", at=T0 + timedelta(seconds=1)))
+    await view_store.apply(queued("job-c", key="upload-1", at=T0 + timedelta(seconds=2)))
+    await view_store.apply(queued("job-d", at=T0 + timedelta(seconds=3)))
+    assert (await view_store.find_by_idempotency_key("upload-2")).job_id == "job-b"
+    assert (await view_store.find_by_idempotency_key("upload-1")).job_id == "job-c"  # the newest
+    assert await view_store.find_by_idempotency_key("upload-3") is None
+
+
+# --- backend specifics -----------------------------------------------------------------------------------------
+
+
+async def test_memory_store_persists_to_json(tmp_path: Path) -> None:
+    path = tmp_path / "views" / "jobs.json"
+    store = InMemoryJobViewStore(path)
+    events = lifecycle("job-1")
+    for e in events:
+        await store.apply(e)
+    await store.close()
+    reopened = InMemoryJobViewStore(path)
+    assert await reopened.get("job-1") == await store.get("job-1")
+    assert await reopened.apply(events[3]) is False  # positions survive the restart
+    assert not path.with_name("jobs.json.tmp").exists()
+
+
+def test_open_view_store_picks_backend(tmp_path: Path) -> None:
+    assert isinstance(open_view_store(None), InMemoryJobViewStore)
+    assert isinstance(open_view_store("memory://"), InMemoryJobViewStore)
+    assert isinstance(open_view_store(f"file://{tmp_path}/v.json"), InMemoryJobViewStore)
+    assert isinstance(open_view_store("mongodb://127.0.0.1:1/x"), MongoJobViewStore)
+    with pytest.raises(ValueError, match="unsupported view store URL"):
+        open_view_store("redis://localhost")
+
+
+async def test_mongo_ensure_indexes_is_idempotent_and_covers_queries(mongo_view_store: MongoJobViewStore) -> None:
+    await mongo_view_store.ensure_indexes()
+    await mongo_view_store.ensure_indexes()
+    # Compare key fields only: nx-27017 names (and reports directions of) indexes its own way.
+    keys = [list(ix["key"].keys()) async for ix in await mongo_view_store.collection.list_indexes()]
+    assert ["submitted_at", "job_id"] in keys
+    assert ["state", "submitted_at", "job_id"] in keys
+    assert ["request.idempotency_key"] in keys
+
+
+async def test_mongo_two_projector_processes_converge(mongodb_url: str, mongo_view_store: MongoJobViewStore) -> None:
+    """Two clients (as two projector replicas) racing on the same jobs, views created concurrently."""
+    database = mongo_view_store.collection.database.name
+    other = MongoJobViewStore.connect(mongodb_url, database=database)
+    try:
+        reference = lifecycle("ref")
+        for e in reference:
+            await mongo_view_store.apply(e)
+        expected = comparable(await mongo_view_store.get("ref"))
+
+        async def deliver(store: MongoJobViewStore, job_id: str, seed: int) -> None:
+            events = lifecycle(job_id)
+            random.Random(seed).shuffle(events)
+            for e in events:
+                await store.apply(e)
+
+        jobs = [f"job-{i}" for i in range(4)]
+        await asyncio.gather(
+            *(deliver(store, job, seed) for job in jobs for seed, store in enumerate([mongo_view_store, other] * 2))
+        )
+        for job in jobs:
+            assert comparable(await other.get(job)) == expected, job
+        assert await mongo_view_store.collection.count_documents({}) == len(jobs) + 1
+    finally:
+        await other.close()
+
+
+class _LosesCreationRace:
+    """A real collection whose first upsert loses the creation race to a competing projector.
+
+    On a real mongod two projectors can both miss the filter of a new job and both insert; the
+    loser gets E11000 although its event may be the newer one. nx-27017 serializes writes, so
+    the interleaving is injected here: the competitor's write lands, then the duplicate key error.
+    """
+
+    def __init__(self, collection, competitor: StatusEvent) -> None:
+        self._collection = collection
+        self._competitor = competitor
+        self.raced = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._collection, name)
+
+    async def update_one(self, filter, update, upsert: bool = False, **kwargs):
+        if upsert and not self.raced:
+            self.raced = True
+            await MongoJobViewStore(self._collection).apply(self._competitor)
+            raise DuplicateKeyError("E11000 duplicate key error collection: jobs index: _id_ (injected race)", 11000)
+        return await self._collection.update_one(filter, update, upsert=upsert, **kwargs)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "advanced"), [(5, 3, True), (3, 5, False)])
+async def test_mongo_lost_creation_race_is_resolved(
+    mongo_view_store: MongoJobViewStore, ours: int, theirs: int, advanced: bool
+) -> None:
+    competitor = StatusEvent.for_job("job-r", theirs, "starting", source=WORKER, phase="downloading")
+    racing = _LosesCreationRace(mongo_view_store.collection, competitor)
+    store = MongoJobViewStore(racing)  # type: ignore[arg-type]
+    event = StatusEvent.for_job("job-r", ours, "running", source=WORKER, phase="training", epoch=1)
+    assert await store.apply(event) is advanced
+    assert racing.raced
+    view = await mongo_view_store.get("job-r")
+    assert view.last_sequence == max(ours, theirs)
+    assert view.state is (JobState.RUNNING if advanced else JobState.STARTING)
