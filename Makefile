@@ -1,0 +1,35 @@
+# cdtrain: event-driven SNUNet-CBAM training service.
+#   make setup  - create .venv with the project and everything its tests and benchmarks use
+#   make test   - install what is missing, start the services the tests need, run every test
+#   make bench  - training-step benchmark (eager fp32 vs the trainer's optimized path)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast services bench clean
+
+setup: $(STAMP)
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+services:
+	@scripts/ensure-rabbitmq.sh
+
+test: setup services
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
+
+test-fast: setup services
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/train_step.py --base-channel 16 --crop 256 --batch 4
+
+clean:
+	rm -rf $(VENV) runs .cdtrain *.egg-info

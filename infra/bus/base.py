@@ -1,0 +1,177 @@
+"""The bus interface every process codes against; RabbitBus and InProcessBus implement it.
+
+Delivery semantics, identical for both backends:
+
+* ``publish_*`` returns only once the message is safely queued (RabbitMQ: publisher confirm);
+  otherwise it raises :class:`BusUnavailable`.
+* A handler is ``async def handler(payload: Model, delivery: Delivery) -> None``. The model
+  comes from ``model=`` or the handler's first annotation; ``bytes`` gets the raw body.
+* Requests and projector events: at most ``prefetch`` handlers run at once. The delivery is
+  acked when the handler returns, or earlier by ``await delivery.ack()`` (the long-job mode,
+  see docs/bus.md). A handler that raises *before* the ack gets its message requeued; after
+  ``topology.delivery_limit`` such failures the message is dead-lettered. A payload that does
+  not validate is dead-lettered at once. The pre-ack phase is bounded by ``claim_timeout``.
+* Status watchers: every matching subscriber gets every event, in publish order; a failing
+  watcher handler loses that event (watchers are live views, not the record).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from schemas.topology import Topology
+
+__all__ = ["DeadLetter", "Delivery", "Handler", "MessageBus", "Settler", "Subscription"]
+
+M = TypeVar("M")
+Handler = Callable[[M, "Delivery"], Awaitable[None]]
+
+
+class Settler(Protocol):
+    """Backend side of a delivery: how to ack/requeue/dead-letter it, and when it is lost."""
+
+    async def ack(self, delivery: Delivery) -> None: ...
+
+    async def reject(self, delivery: Delivery, *, requeue: bool) -> None: ...
+
+    def lost(self) -> asyncio.Future[Any] | None:
+        """A future that completes when the delivery can no longer be settled (or None)."""
+        ...
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One received message. ``delivery_count`` is how many earlier deliveries failed."""
+
+    body: bytes
+    message_id: str | None
+    routing_key: str
+    headers: Mapping[str, Any]
+    delivery_count: int
+    _settler: Settler = field(repr=False)
+    _acked: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    _settled: bool = field(default=False, init=False, repr=False)
+    # Set by the dispatcher once the handler returned: an ack before that is an *early* ack.
+    handler_done: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    @property
+    def acked(self) -> bool:
+        return self._acked.is_set()
+
+    async def ack(self) -> None:
+        """Remove the message from its queue. Idempotent.
+
+        Called by the handler before it returns, this *claims* the message early: the broker
+        forgets it, so a job running for hours no longer holds an unacked delivery (RabbitMQ
+        3.10 closes the channel after 30 minutes). Returns once the broker processed the ack;
+        raises :class:`DeliveryLost` if that cannot be confirmed (stop working on it).
+        """
+        if self._settled:
+            return
+        # Settled for good even if the ack fails: a later nack of a tag the broker may have
+        # acked already is a channel error (PRECONDITION_FAILED), which would cost more.
+        self._settled = True
+        await self._settler.ack(self)
+        self._acked.set()
+
+    async def _reject(self, *, requeue: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        await self._settler.reject(self, requeue=requeue)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead-lettered message, as drained from a dead-letter queue (for ops and tests)."""
+
+    body: bytes
+    message_id: str | None
+    headers: Mapping[str, Any]
+    reason: str  # "delivery_limit" or "rejected" (invalid payload), as RabbitMQ names them
+
+
+class Subscription(abc.ABC):
+    """A running consumer or watcher. ``close()`` stops it and cancels running handlers."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool: ...
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class MessageBus(abc.ABC):
+    """Commands (train requests) in a work queue; status events on a topic exchange."""
+
+    topology: Topology
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and declare the topology (idempotent). Raises BusUnavailable."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every subscription and release the connection. Idempotent."""
+
+    @abc.abstractmethod
+    async def publish_request(self, payload: BaseModel, *, message_id: str | None = None,
+                              headers: Mapping[str, Any] | None = None) -> str:
+        """Queue a train request; returns its message id once confirmed."""
+
+    @abc.abstractmethod
+    async def publish_status(self, payload: BaseModel, routing_key: str, *,
+                             message_id: str | None = None,
+                             headers: Mapping[str, Any] | None = None,
+                             content_type: str | None = None) -> str:
+        """Publish a status event with routing key ``job.<job_id>.<state>``; confirmed."""
+
+    @abc.abstractmethod
+    async def consume_requests(self, handler: Handler[Any], *, model: type[Any] | None = None,
+                               prefetch: int = 1) -> Subscription:
+        """Run ``handler`` for each train request (see the module doc for the semantics)."""
+
+    @abc.abstractmethod
+    async def consume_projector(self, handler: Handler[Any], *, model: type[Any] | None = None,
+                                prefetch: int = 1) -> Subscription:
+        """Run ``handler`` for every status event, from the projector's durable queue."""
+
+    @abc.abstractmethod
+    async def subscribe_status(self, binding_key: str, handler: Handler[Any], *,
+                               model: type[Any] | None = None) -> Subscription:
+        """Live watcher: events whose routing key matches ``binding_key``, in order."""
+
+    @abc.abstractmethod
+    async def request_backlog(self) -> int:
+        """Requests waiting in the queue (not counting those being processed)."""
+
+    @abc.abstractmethod
+    async def drain_dead_requests(self, max_count: int = 100) -> list[DeadLetter]:
+        """Remove and return up to ``max_count`` dead-lettered requests (to inspect/replay)."""
+
+    async def __aenter__(self) -> MessageBus:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
