@@ -89,6 +89,9 @@ class TrainerHooks:
 
     def on_checkpoint_saved(self, info: CheckpointInfo) -> None: ...
 
+    def on_test_start(self, pairs: int) -> None:
+        """The best checkpoint is about to be scored on the test split."""
+
     def on_run_end(self, result: TrainResult) -> None: ...
 
 
@@ -111,6 +114,10 @@ class HookList(TrainerHooks):
     def on_checkpoint_saved(self, info: CheckpointInfo) -> None:
         for h in self.hooks:
             h.on_checkpoint_saved(info)
+
+    def on_test_start(self, pairs: int) -> None:
+        for h in self.hooks:
+            h.on_test_start(pairs)
 
     def on_run_end(self, result: TrainResult) -> None:
         for h in self.hooks:

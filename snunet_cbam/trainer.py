@@ -275,6 +275,7 @@ class Trainer:
 
         test_metrics = None
         if "test" in eval_loaders and best_path.exists() and status in ("completed", "early_stopped"):
+            self.hooks.on_test_start(len(splits.valid("test")))
             model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
             test_metrics = evaluate("test")
         self._write_metrics(metrics_path, best, history, test_metrics)

@@ -1,0 +1,71 @@
+"""The worker's view of MLflow: one run per job, the best model logged, registered on request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from mlflow import MlflowClient
+
+from consumer.worker import RegisteredModel
+from schemas import TrainConfig, TrainJob
+from snunet_cbam.hooks import TrainResult
+
+from .hooks import MlflowHooks
+from .model import log_best_model
+from .registry import register_and_promote
+from .runs import mlflow_run_status, start_job_run
+
+log = logging.getLogger(__name__)
+
+FAILURE_TAG = "failure_reason"
+
+
+class MlflowJobTracker:
+    """Implements ``consumer.worker.JobTracker``; every method blocks and runs in a worker thread."""
+
+    def __init__(self, client: MlflowClient, experiment: str = "cdtrain") -> None:
+        self.client = client
+        self.experiment = experiment
+        self._hooks: dict[str, MlflowHooks] = {}
+        self._lock = threading.Lock()
+
+    def start_run(self, job: TrainJob, config: TrainConfig, attempt: int) -> str:
+        run_id, _ = start_job_run(self.client, self.experiment, job_id=job.job_id,
+                                  dataset_uri=job.request.dataset_uri, source=job.source,
+                                  tags={"attempt": str(attempt), "model_name": job.request.model_name})
+        return run_id
+
+    def hooks(self, run_id: str) -> MlflowHooks:
+        hooks = MlflowHooks(self.client, run_id)
+        with self._lock:
+            self._hooks[run_id] = hooks
+        return hooks
+
+    def _close_hooks(self, run_id: str) -> None:
+        with self._lock:
+            hooks = self._hooks.pop(run_id, None)
+        if hooks is not None:
+            health = hooks.close()
+            if not health.ok:
+                log.warning("run %s: %d MLflow call(s) failed, %d step metric(s) dropped",
+                            run_id, health.errors, health.dropped_step_metrics)
+
+    def finish(self, run_id: str, result: TrainResult, job: TrainJob) -> RegisteredModel | None:
+        self._close_hooks(run_id)
+        logged = log_best_model(self.client, run_id, result.best_checkpoint)
+        registered = None
+        if job.request.register_model:
+            outcome = register_and_promote(self.client, run_id, job.request.model_name, result.best["f1"],
+                                           model_id=logged.model_id)
+            registered = RegisteredModel(version=str(outcome.version), alias=outcome.alias)
+        self.client.set_terminated(run_id, mlflow_run_status(result.status))
+        return registered
+
+    def fail(self, run_id: str, reason: str) -> None:
+        self._close_hooks(run_id)
+        try:
+            self.client.set_tag(run_id, FAILURE_TAG, reason[:4000])
+            self.client.set_terminated(run_id, "KILLED" if reason == "cancelled" else "FAILED")
+        except Exception:  # noqa: BLE001 - the job's FAILED event matters more than the run's tag
+            log.exception("run %s: could not record the failure in MLflow", run_id)

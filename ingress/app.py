@@ -1,0 +1,77 @@
+"""The ingress web application, built from injected parts (nothing here connects to anything).
+
+    app = create_app(settings, bus, view_store, object_store)
+
+The caller owns the bus and the stores (connects and closes them); :mod:`ingress.main` is the
+process wiring. This module imports no torch and no ``snunet_cbam`` (the edge must start in
+about a second on a small CPU machine), and no S3/Mongo/AMQP client library either: those
+come in through the injected objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ingress.bucket_events import BucketEventHandler
+from ingress.deps import DEPS, Deps
+from ingress.health import healthz, readyz
+from ingress.http import auth_middleware, error_middleware
+from ingress.routes_events import head_events, post_events
+from ingress.routes_train import get_job, list_jobs, post_train
+from ingress.sse import stream_job_events
+from ingress.submit import Submitter, ViewReader
+from schemas.events import event_source
+
+if TYPE_CHECKING:
+    from infra.bus.base import MessageBus
+    from infra.objects.store import ObjectStore
+    from infra.views.store import JobViewStore
+    from ingress.settings import IngressSettings
+
+__all__ = ["BUCKET_EVENTS", "DEPS", "create_app"]
+
+BUCKET_EVENTS = web.AppKey("cdtrain_bucket_events", BucketEventHandler)
+"""The app's bucket-event handler, for listeners (AMQP, SQS) that run beside the HTTP routes."""
+
+
+def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewStore,
+               object_store: ObjectStore) -> web.Application:
+    views = ViewReader(view_store, timeout_s=settings.store_timeout_s, retry_after_s=settings.retry_after_s)
+    submitter = Submitter(bus, views, event_source=event_source("ingress", settings.instance),
+                          write_through=settings.write_through_views)
+    bucket_events = BucketEventHandler(settings.trigger, object_store, submitter,
+                                       retry_after_s=settings.retry_after_s)
+    deps = Deps(settings=settings, bus=bus, views=views, submitter=submitter, bucket_events=bucket_events)
+
+    # error_middleware outermost: a 401 or anything raised further in still leaves as JSON.
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(settings.api_token, settings.webhook_token)],
+        client_max_size=settings.client_max_size,
+    )
+    app[DEPS] = deps
+    app[BUCKET_EVENTS] = bucket_events
+    app.router.add_post("/train", post_train)
+    app.router.add_get("/train", list_jobs)
+    app.router.add_get("/train/{job_id}", get_job)
+    app.router.add_get("/train/{job_id}/events", stream_job_events)
+    app.router.add_route("HEAD", "/events/s3", head_events)
+    app.router.add_post("/events/s3", post_events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.on_shutdown.append(_end_streams)
+    app.on_cleanup.append(_close_submitter)
+    return app
+
+
+async def _end_streams(app: web.Application) -> None:
+    # Open SSE streams would otherwise keep a graceful shutdown waiting for its full timeout.
+    for inbox in list(app[DEPS].streams):
+        inbox.put_nowait(None)
+    await asyncio.sleep(0)
+
+
+async def _close_submitter(app: web.Application) -> None:
+    await app[DEPS].submitter.close()

@@ -1,0 +1,50 @@
+"""POST /train, GET /train, GET /train/{job_id}: commands in, queries out of the job views."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from ingress.deps import DEPS
+from ingress.errors import RequestInvalid
+from ingress.http import error_response, json_response
+from ingress.models import Accepted, FieldProblem, JobList
+from ingress.validation import parse_list_query, parse_train_request
+from schemas.jobs import JOB_ID_PATTERN
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def status_url(job_id: str) -> str:
+    return f"/train/{job_id}"
+
+
+async def post_train(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    train_request = parse_train_request(await request.read())
+    sub = await deps.submitter.submit(train_request, source="api")
+    url = status_url(sub.job_id)
+    body = Accepted(job_id=sub.job_id, status_url=url, state=sub.state.name, duplicate=not sub.created)
+    # 202 only now: the request is confirmed by the broker (Submitter raises otherwise).
+    return json_response(body, status=202 if sub.created else 200, headers={"Location": url})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    job_id = request.match_info["job_id"]
+    view = await deps.views.call(deps.views.store.get(job_id)) if _JOB_ID.match(job_id) else None
+    if view is None:
+        return error_response(404, f"job {job_id} not found")
+    return json_response(view)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    query = parse_list_query(dict(request.query), deps.settings.list_default_limit)
+    try:
+        jobs, next_cursor = await deps.views.call(
+            deps.views.store.list(limit=query.limit, cursor=query.cursor, state=query.status))
+    except ValueError as exc:  # InvalidCursor: limit and status were checked above
+        raise RequestInvalid("query", [FieldProblem(field="cursor", message=str(exc), type="value_error")]) from None
+    return json_response(JobList(jobs=jobs, next_cursor=next_cursor))

@@ -1,0 +1,521 @@
+"""MLflow tracking against a real MLflow: a SQLite-backed store, and one end-to-end test through a
+real ``mlflow server`` (the REST path the workers use).
+
+A tiny real training on the shared LEVIR-CD tiles feeds the run-logging tests; the registry
+policy tests use cheap logged models (their content does not matter to the registry).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+t0 = time.monotonic()
+import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import Model  # noqa: E402
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
+
+MLFLOW_IMPORT_S = time.monotonic() - t0
+
+from consumer.tracking import (  # noqa: E402
+    CONFIG_ARTIFACT,
+    METRICS_ARTIFACT,
+    MlflowHooks,
+    config_params,
+    ensure_experiment,
+    find_logged_model,
+    log_best_model,
+    mlflow_run_status,
+    register_and_promote,
+    start_job_run,
+)
+from schemas.training import TrainConfig  # noqa: E402
+from snunet_cbam.checkpoint import model_from_checkpoint  # noqa: E402
+from snunet_cbam.data.check import check_pairs  # noqa: E402
+from snunet_cbam.data.dataset import to_tensor  # noqa: E402
+from snunet_cbam.data.imageio import read_rgb  # noqa: E402
+from snunet_cbam.data.layouts import list_split  # noqa: E402
+from snunet_cbam.hooks import EpochInfo, RunStartInfo, StepInfo, TrainResult  # noqa: E402
+from snunet_cbam.trainer import Trainer  # noqa: E402
+from tests.ml.conftest import levir_samples, tiny_config  # noqa: E402,F401 - levir_samples is a fixture
+
+EPOCHS = 2
+
+
+# --- stores and a trained run ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, "cdtrain-tests", artifact_location=(root / "artifacts").as_uri())
+    return SimpleNamespace(uri=uri, client=client, experiment_id=experiment_id, root=root)
+
+
+@pytest.fixture(scope="module")
+def trained(store, levir_samples, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("train")
+    run_id, created = start_job_run(store.client, "cdtrain-tests", job_id="job-1", dataset_uri="s3://bucket/levir",
+                                    source="rest")
+    assert created
+    # Whole 256 px tiles in one window: the test split costs one forward per tile.
+    config = tiny_config(epochs=EPOCHS, test_split="demo", window_size=256, window_overlap=0)
+    hooks = MlflowHooks(store.client, run_id, step_flush_every=2)
+    started = time.monotonic()
+    result = Trainer(config, levir_samples, out, hooks=[hooks]).fit()
+    return SimpleNamespace(run_id=run_id, config=config, result=result, hooks=hooks, out=out,
+                           train_s=time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def logged(store, trained):
+    info = log_best_model(store.client, trained.run_id, trained.result.best_checkpoint)
+    return info
+
+
+def _history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _tiles(root: Path, count: int):
+    pairs = check_pairs(list_split(root, "demo"), "demo").valid[:count]
+    return [(read_rgb(p.image_a), read_rgb(p.image_b)) for p in pairs]
+
+
+def _raw_input(tiles, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """The logged model's input: RGB of A then B on channels, raw 0-255, float32 (N, 6, h, w)."""
+    return np.stack([
+        np.concatenate([a[y : y + h, x : x + w], b[y : y + h, x : x + w]], axis=2).transpose(2, 0, 1)
+        for a, b in tiles
+    ]).astype(np.float32)
+
+
+def _checkpoint_probabilities(checkpoint: Path, tiles, y: int, x: int, h: int, w: int) -> np.ndarray:
+    model, config, _ = model_from_checkpoint(checkpoint)
+    model.eval()
+    a = torch.stack([to_tensor(a[y : y + h, x : x + w], config.normalize) for a, _ in tiles])
+    b = torch.stack([to_tensor(b[y : y + h, x : x + w], config.normalize) for _, b in tiles])
+    with torch.no_grad():
+        return torch.sigmoid(model(a, b)).numpy()
+
+
+# --- run logging ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_run_holds_config_params_tags_and_per_epoch_metrics(store, trained):
+    client, result = store.client, trained.result
+    run = client.get_run(trained.run_id)
+    assert trained.hooks.health.ok, trained.hooks.health
+    assert result.status == "completed" and result.epochs_run == EPOCHS
+
+    # The params are the fully resolved config, and they rebuild it exactly.
+    assert run.data.params == config_params(trained.config.model_dump())
+    rebuilt = TrainConfig.model_validate({k: yaml.safe_load(v) for k, v in run.data.params.items()})
+    assert rebuilt == trained.config
+    assert run.data.params["pos_weight"] == "null" and run.data.params["compile"] == "false"
+
+    tags = run.data.tags
+    assert tags["job_id"] == "job-1" and tags["dataset_uri"] == "s3://bucket/levir" and tags["source"] == "rest"
+    assert (tags["device"], tags["precision"], tags["compiled"]) == ("cpu", "fp32", "false")  # amp off in tiny_config
+    model, _, _ = model_from_checkpoint(result.best_checkpoint)
+    assert int(tags["parameters"]) == sum(p.numel() for p in model.parameters())
+    assert tags["train_status"] == "completed" and tags["epochs_run"] == str(EPOCHS)
+
+    # Epoch metrics: one value per epoch at step=epoch, equal to the trainer's history.
+    for prefix in ("train", "val"):
+        for key in ("f1", "iou", "precision", "recall", "accuracy", "loss"):
+            got = _history(client, trained.run_id, f"{prefix}_{key}")
+            want = [(h["epoch"], pytest.approx(h[prefix][key])) for h in result.history]
+            assert got == want, (prefix, key)
+    assert _history(client, trained.run_id, "lr") == [(h["epoch"], pytest.approx(h["lr"])) for h in result.history]
+    assert [s for s, _ in _history(client, trained.run_id, "epoch_seconds")] == list(range(1, EPOCHS + 1))
+
+    # Step metrics: every global step, batched (flushed every 2 steps and at each epoch end).
+    steps = run.data.tags["steps_per_epoch"]
+    total = int(steps) * EPOCHS
+    for key in ("step_loss", "step_f1", "step_lr"):
+        assert [s for s, _ in _history(client, trained.run_id, key)] == list(range(1, total + 1)), key
+    assert all(v > 0 for _, v in _history(client, trained.run_id, "step_lr"))
+
+
+@pytest.mark.slow
+def test_run_end_logs_best_and_test_metrics_and_artifacts(store, trained, tmp_path):
+    client, result = store.client, trained.result
+    best_epoch = int(result.best["epoch"])
+    for key in ("f1", "iou", "precision", "recall", "accuracy"):
+        assert _history(client, trained.run_id, f"best_val_{key}") == [(best_epoch, pytest.approx(result.best[key]))]
+        assert _history(client, trained.run_id, f"test_{key}") == [(best_epoch, pytest.approx(result.test[key]))]
+    assert client.get_run(trained.run_id).data.tags["best_epoch"] == str(best_epoch)
+
+    names = {a.path for a in client.list_artifacts(trained.run_id)}
+    assert {METRICS_ARTIFACT, CONFIG_ARTIFACT} <= names
+    metrics = json.loads(Path(client.download_artifacts(trained.run_id, METRICS_ARTIFACT, str(tmp_path))).read_text())
+    assert metrics == json.loads(result.metrics_path.read_text())
+    assert metrics["test"]["f1"] == pytest.approx(result.test["f1"])
+    config = yaml.safe_load(Path(client.download_artifacts(trained.run_id, CONFIG_ARTIFACT, str(tmp_path))).read_text())
+    assert TrainConfig.model_validate(config) == trained.config
+
+
+def test_job_runs_are_found_again_and_statuses_map(store):
+    run_id, created = start_job_run(store.client, "cdtrain-tests", job_id="job-redelivered", dataset_uri="s3://b/x",
+                                    source="bucket")
+    again, created_again = start_job_run(store.client, "cdtrain-tests", job_id="job-redelivered",
+                                         dataset_uri="s3://b/x", source="bucket")
+    other, _ = start_job_run(store.client, "cdtrain-tests", job_id="job-other", dataset_uri="s3://b/x", source="bucket")
+    assert created and not created_again and again == run_id and other != run_id
+    assert store.client.get_run(run_id).data.tags["source"] == "bucket"
+    assert [mlflow_run_status(s) for s in ("completed", "early_stopped", "time_limit", "cancelled", None)] == [
+        "FINISHED", "FINISHED", "FINISHED", "KILLED", "FAILED"]
+
+
+# --- the logged model ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_logged_model_is_pt2_with_signature_and_belongs_to_the_run(store, trained, logged, tmp_path):
+    client = store.client
+    assert logged.serialization_format == "pt2" and logged.dynamic_hw
+    assert logged.val_f1 == pytest.approx(trained.result.best["f1"])
+    assert logged.epoch == trained.result.best["epoch"]
+    model = client.get_logged_model(logged.model_id)
+    assert model.status == LoggedModelStatus.READY and model.source_run_id == trained.run_id
+    assert model.experiment_id == store.experiment_id  # the run's experiment, not the default one
+    assert model.tags["val_f1"] == repr(logged.val_f1)
+    assert find_logged_model(client, trained.run_id) == logged.model_id
+    outputs = client.get_run(trained.run_id).outputs.model_outputs
+    assert [(o.model_id, o.step) for o in outputs] == [(logged.model_id, trained.result.best["epoch"])]
+
+    local = Path(mlflow.artifacts.download_artifacts(model.artifact_location, dst_path=str(tmp_path)))
+    assert (local / "data" / "model.pt2").is_file() and (local / "input_example.json").is_file()
+    mlmodel = Model.load(str(local / "MLmodel"))
+    assert mlmodel.flavors["python_function"]["model_config"] == {"device": "cpu"}
+    sig = mlmodel.signature
+    assert sig.inputs.inputs[0].shape == (-1, 6, -1, -1) and sig.outputs.inputs[0].shape == (-1, 1, -1, -1)
+    assert mlmodel.metadata["threshold"] == trained.config.threshold and mlmodel.metadata["min_side"] == 16
+
+
+@pytest.mark.slow
+def test_logged_model_loads_with_pyfunc_and_matches_the_checkpoint(store, trained, logged, levir_samples):  # noqa: F811
+    tiles = _tiles(levir_samples, 2)
+    with _use_tracking_uri(store.uri):
+        loaded = mlflow.pyfunc.load_model(logged.model_uri)
+    # The example's size, and an odd batch/size (not a multiple of 16, not the example's).
+    for count, (y, x, h, w) in ((2, (0, 0, 64, 64)), (1, (37, 11, 40, 56))):
+        got = loaded.predict(_raw_input(tiles[:count], y, x, h, w))
+        want = _checkpoint_probabilities(trained.result.best_checkpoint, tiles[:count], y, x, h, w)
+        assert got.shape == (count, 1, h, w)
+        assert np.all((got >= 0) & (got <= 1))
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# --- the registry policy ---------------------------------------------------------------------------
+def _cheap_run(client, experiment_id, tmp_path) -> str:
+    """A run with a READY logged model: what log_best_model leaves, minus the weights."""
+    run_id = client.create_run(experiment_id).info.run_id
+    model = client.create_logged_model(experiment_id, name="model", source_run_id=run_id)
+    folder = tmp_path / run_id
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    client.log_model_artifacts(model.model_id, str(folder))
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=1)])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return run_id
+
+
+def _version(client, name, alias):
+    return int(client.get_model_version_by_alias(name, alias).version)
+
+
+def test_first_version_goes_to_production_a_worse_one_stays_staging_a_better_one_replaces_it(store, tmp_path):
+    client, name = store.client, "cd-policy"
+    first = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.50, settle_s=0)
+    assert (first.version, first.promoted, first.alias, first.stage) == (1, True, "production", "Production")
+    assert first.previous_production_version is None
+    assert _version(client, name, "production") == 1 and _version(client, name, "staging") == 1
+
+    worse = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.40, settle_s=0)
+    assert (worse.version, worse.promoted, worse.alias, worse.stage) == (2, False, "staging", "Staging")
+    assert worse.previous_production_version == 1 and worse.previous_production_f1 == 0.5
+    assert _version(client, name, "production") == 1 and _version(client, name, "staging") == 2
+    assert client.get_model_version(name, "1").current_stage == "Production"
+
+    better = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.60, settle_s=0)
+    assert (better.version, better.promoted, better.alias, better.stage) == (3, True, "production", "Production")
+    assert better.previous_production_version == 1
+    assert _version(client, name, "production") == 3 and _version(client, name, "staging") == 3
+    stages = {int(v.version): v.current_stage for v in client.search_model_versions(f"name = '{name}'")}
+    assert stages == {1: "Archived", 2: "Staging", 3: "Production"}
+    tags = client.get_model_version(name, "3").tags
+    assert tags["val_f1"] == "0.6" and tags["promoted_over"] == "1" and tags["previous_production_f1"] == "0.5"
+    assert "promoted_over" not in client.get_model_version(name, "2").tags
+    mv = client.get_model_version(name, "3")  # the version links back to its run and logged model
+    logged_model = client.get_logged_model(mv.tags["logged_model_id"])
+    assert logged_model.source_run_id == mv.run_id and mv.source == logged_model.artifact_location
+
+
+def test_a_tie_keeps_the_incumbent_and_a_hand_placed_production_is_never_replaced(store, tmp_path):
+    client, name = store.client, "cd-tie"
+    register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.5, settle_s=0)
+    tie = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.5, settle_s=0)
+    assert not tie.promoted and _version(client, name, "production") == 1
+
+    client.delete_model_version_tag(name, "1", "val_f1")  # as if a person had put v1 there
+    much_better = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.99,
+                                       settle_s=0)
+    assert not much_better.promoted and "never replaced" in much_better.reason
+    assert _version(client, name, "production") == 1
+    with pytest.raises(ValueError):
+        register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, float("nan"))
+
+
+class _RacingClient(MlflowClient):
+    """Holds this worker's production write until the other worker has written its own: the
+    interleaving where a worse version overwrites a better one (both read 'no production')."""
+
+    def __init__(self, uri, hold_until: threading.Event | None = None, written: threading.Event | None = None,
+                 holding: threading.Event | None = None):
+        super().__init__(uri)
+        self.hold_until, self.written, self.holding = hold_until, written, holding
+
+    def set_registered_model_alias(self, name, alias, version):
+        if alias == "production" and self.hold_until is not None and not self.hold_until.is_set():
+            self.holding.set()
+            assert self.hold_until.wait(30)
+        super().set_registered_model_alias(name, alias, version)
+        if alias == "production" and self.written is not None:
+            self.written.set()
+
+
+def test_concurrent_promotions_converge_on_the_better_version(store, tmp_path):
+    name = "cd-race"
+    runs = [_cheap_run(store.client, store.experiment_id, tmp_path) for _ in range(2)]
+    better_written, worse_holding = threading.Event(), threading.Event()
+    worse_client = _RacingClient(store.uri, hold_until=better_written, holding=worse_holding)
+    better_client = _RacingClient(store.uri, written=better_written)
+    results = {}
+
+    def worse():
+        results["worse"] = register_and_promote(worse_client, runs[0], name, 0.70, settle_s=0.5)
+
+    thread = threading.Thread(target=worse)
+    thread.start()
+    assert worse_holding.wait(30)  # it read "no production" and now waits to write
+    results["better"] = register_and_promote(better_client, runs[1], name, 0.80, settle_s=0.5)
+    thread.join(30)
+
+    better, worse_result = results["better"], results["worse"]
+    assert _version(store.client, name, "production") == better.version
+    assert better.promoted and not worse_result.promoted
+    assert "concurrent" in worse_result.reason
+    assert store.client.get_model_version(name, str(better.version)).current_stage == "Production"
+    assert "promoted_over" not in store.client.get_model_version(name, str(worse_result.version)).tags
+
+
+# --- MLflow trouble never reaches the trainer ---------------------------------------------------------
+def _start_info(tmp_path) -> RunStartInfo:
+    return RunStartInfo(config=tiny_config().model_dump(), device="cpu", precision="fp32", compiled=False,
+                        parameters=1000, train_pairs=7, val_pairs=7, steps_per_epoch=10, total_steps=20,
+                        start_epoch=1, out_dir=tmp_path)
+
+
+def _step(i: int) -> StepInfo:
+    return StepInfo(epoch=1, step_in_epoch=i, steps_per_epoch=10, global_step=i, loss=1.0 / i, lr=1e-3,
+                    metrics={"f1": 0.5})
+
+
+def _epoch(epoch: int) -> EpochInfo:
+    metrics = {"f1": 0.5, "iou": 0.3, "precision": 0.5, "recall": 0.5, "accuracy": 0.9, "loss": 0.7}
+    return EpochInfo(epoch=epoch, epochs=2, lr=1e-3, train=metrics, val=metrics, is_best=True, best_epoch=epoch,
+                     best_f1=0.5, seconds=1.0)
+
+
+def _result(tmp_path) -> TrainResult:
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("{}")
+    return TrainResult(status="completed", epochs_run=1, best={"epoch": 1, "f1": 0.5}, history=[], test=None,
+                       best_checkpoint=tmp_path / "best.pt", last_checkpoint=tmp_path / "last.pt",
+                       metrics_path=metrics)
+
+
+class _BrokenClient:
+    def __init__(self):
+        self.calls = 0
+
+    def log_batch(self, *args, **kwargs):
+        self.calls += 1
+        raise MlflowException("tracking server said no")
+
+    def log_artifact(self, *args, **kwargs):
+        self.calls += 1
+        raise OSError("disk full")
+
+
+class _StuckClient:
+    def __init__(self):
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def log_batch(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(30)
+
+    def log_artifact(self, *args, **kwargs):
+        self.release.wait(30)
+
+
+def test_mlflow_errors_are_counted_not_raised(tmp_path):
+    client = _BrokenClient()
+    hooks = MlflowHooks(client, "run-broken", step_flush_every=5)
+    hooks.on_run_start(_start_info(tmp_path))
+    for i in range(1, 11):
+        hooks.on_step_end(_step(i))
+    hooks.on_epoch_end(_epoch(1))
+    bad = StepInfo(epoch=1, step_in_epoch=1, steps_per_epoch=10, global_step=11, loss=0.1, lr=1e-3,
+                   metrics={"f1": "not a number"})
+    hooks.on_step_end(bad)  # a bug in the hook itself is caught too
+    hooks.on_run_end(_result(tmp_path))  # drains the queue, never raises
+    health = hooks.health
+    # params+tags, 2 step batches, 1 epoch batch, final metrics, 2 artifacts; plus the bad step
+    assert client.calls == 7 and health.errors == 8
+    assert not health.ok and health.pending == 0
+    assert any("tracking server said no" in e for e in health.last_errors)
+    assert any("disk full" in e for e in health.last_errors)
+
+
+def test_a_stuck_tracking_server_never_blocks_steps_and_drops_only_step_metrics(tmp_path):
+    client = _StuckClient()
+    hooks = MlflowHooks(client, "run-stuck", step_flush_every=1, max_step_backlog=2, final_flush_timeout_s=0.3)
+    hooks.on_run_start(_start_info(tmp_path))  # the first call: the sender hangs in it
+    assert client.entered.wait(10)
+    started = time.monotonic()
+    for i in range(1, 11):
+        hooks.on_step_end(_step(i))
+    hooks.on_epoch_end(_epoch(1))
+    assert time.monotonic() - started < 0.5  # the training thread never waited for MLflow
+    health = hooks.health
+    # 2 step batches queue (the backlog), the other 8 are dropped: 3 values each.
+    assert health.dropped_step_metrics == 8 * 3
+    started = time.monotonic()
+    hooks.on_run_end(_result(tmp_path))
+    assert time.monotonic() - started < 5
+    health = hooks.health
+    # In flight + 2 step batches + epoch metrics + final metrics + 2 artifacts were left unsent.
+    assert health.pending == 7 and not health.ok
+    client.release.set()
+
+
+# --- the REST path: a real `mlflow server` -----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log_path = root / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.monotonic()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--default-artifact-root", (root / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = started + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health within 90 s:\n{log_path.read_text()[-5000:]}")
+            time.sleep(0.2)
+        startup_s = time.monotonic() - started
+        print(f"\nmlflow import {MLFLOW_IMPORT_S:.1f} s; mlflow server ready in {startup_s:.1f} s")
+        yield SimpleNamespace(url=url, startup_s=startup_s, log=log_path)
+    finally:
+        with _suppress_lookup():
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with _suppress_lookup():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+class _suppress_lookup:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, ProcessLookupError)
+
+
+@pytest.mark.slow
+def test_rest_server_end_to_end(mlflow_server, trained, levir_samples, tmp_path, record_property):  # noqa: F811
+    client = MlflowClient(mlflow_server.url)
+    record_property("mlflow_server_startup_s", round(mlflow_server.startup_s, 1))
+    run_id, created = start_job_run(client, "cdtrain-rest", job_id="job-rest", dataset_uri="s3://b/levir",
+                                    source="bucket")
+    assert created
+    hooks = MlflowHooks(client, run_id, step_flush_every=3)
+    hooks.on_run_start(_start_info(tmp_path))
+    for i in range(1, 11):
+        hooks.on_step_end(_step(i))
+    hooks.on_epoch_end(_epoch(1))
+    hooks.on_run_end(_result(tmp_path))
+    assert hooks.health.ok, hooks.health
+    run = client.get_run(run_id)
+    assert run.data.params == config_params(tiny_config().model_dump())
+    assert [m.step for m in client.get_metric_history(run_id, "step_loss")] == list(range(1, 11))
+    assert [m.step for m in client.get_metric_history(run_id, "val_f1")] == [1]
+    assert {METRICS_ARTIFACT, CONFIG_ARTIFACT} <= {a.path for a in client.list_artifacts(run_id)}
+
+    started = time.monotonic()
+    info = log_best_model(client, run_id, trained.result.best_checkpoint)
+    log_model_s = time.monotonic() - started
+    record_property("log_best_model_rest_s", round(log_model_s, 1))
+    first = register_and_promote(client, run_id, "cd-rest", info.val_f1, settle_s=0.2)
+    assert first.promoted and first.stage == "Production"
+
+    other_run = _cheap_run(client, client.get_run(run_id).info.experiment_id, tmp_path)
+    second = register_and_promote(client, other_run, "cd-rest", info.val_f1 - 0.01, settle_s=0.2)
+    assert not second.promoted and second.stage == "Staging" and second.previous_production_version == first.version
+    assert int(client.get_model_version_by_alias("cd-rest", "production").version) == first.version
+    client.set_terminated(run_id, mlflow_run_status(trained.result.status))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    tiles = _tiles(levir_samples, 1)
+    with _use_tracking_uri(mlflow_server.url):
+        loaded = mlflow.pyfunc.load_model("models:/cd-rest@production")
+    got = loaded.predict(_raw_input(tiles, 5, 9, 48, 80))
+    want = _checkpoint_probabilities(trained.result.best_checkpoint, tiles, 5, 9, 48, 80)
+    assert got.shape == (1, 1, 48, 80)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    print(f"\nlog_best_model over REST {log_model_s:.1f} s (server start {mlflow_server.startup_s:.1f} s)")
