@@ -40,32 +40,47 @@ def open_object_store(settings: IngressSettings) -> Any:
 
 
 async def run_ingress(settings: IngressSettings, *, stop: asyncio.Event | None = None,
-                      on_started: Callable[[list[str]], None] | None = None) -> None:
-    """Serve until ``stop`` is set (or the task is cancelled); ``on_started`` gets the URLs."""
+                      on_started: Callable[[list[str]], None] | None = None, bus: Any = None,
+                      view_store: Any = None, object_store: Any = None,
+                      local_bucket_watch: bool = False) -> None:
+    """Serve until ``stop`` is set (or the task is cancelled); ``on_started`` gets the URLs.
+
+    ``bus``, ``view_store`` and ``object_store`` may be given (the all-in-one process shares them
+    with the other roles; the caller then owns them); otherwise they are opened from settings.
+    ``local_bucket_watch`` polls the local object directory for dropped datasets (embedded mode).
+    """
     from infra.bus import BusUnavailable, create_bus
     from infra.views import open_view_store
 
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:  # closes in reverse: HTTP, listeners, stores, bus
-        bus = create_bus(settings.bus, Topology(prefix=settings.topology_prefix))
-        stack.push_async_callback(bus.close)
+        if bus is None:
+            bus = create_bus(settings.bus, Topology(prefix=settings.topology_prefix))
+            stack.push_async_callback(bus.close)
         try:
             await bus.connect()
         except BusUnavailable as exc:
             log.warning("starting without the message bus (%s); POST /train answers 503 until it is back", exc)
 
-        view_store = open_view_store(settings.view_store_url, database=settings.view_store_database)
-        stack.push_async_callback(view_store.close)
+        if view_store is None:
+            view_store = open_view_store(settings.view_store_url, database=settings.view_store_database)
+            stack.push_async_callback(view_store.close)
         try:
             await asyncio.wait_for(view_store.ensure_indexes(), settings.store_timeout_s)
         except Exception as exc:  # noqa: BLE001 - reads answer 503 until the store is back
             log.warning("job view store not reachable at start (%s)", exc)
 
-        object_store = open_object_store(settings)
-        stack.push_async_callback(object_store.close)
+        if object_store is None:
+            object_store = open_object_store(settings)
+            stack.push_async_callback(object_store.close)
 
         app = create_app(settings, bus, view_store, object_store)
         await _start_listeners(settings, app[BUCKET_EVENTS], stack)
+        if local_bucket_watch and settings.local_objects_dir is not None:
+            from ingress.local_watcher import LocalBucketWatcher
+
+            watcher = LocalBucketWatcher(settings.local_objects_dir, settings.trigger.prefix, app[BUCKET_EVENTS])
+            _background(stack, watcher.run())
 
         runner = web.AppRunner(app, shutdown_timeout=10.0)
         await runner.setup()

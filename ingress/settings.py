@@ -72,7 +72,7 @@ class SqsSettings(_Frozen):
 
 
 class IngressSettings(_Frozen):
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     # Names this process in the CloudEvents `source` of the QUEUED events it emits.
     instance: str = "ingress"
@@ -139,7 +139,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "CDTRAIN_INSTANCE": ("instance",),
     "CDTRAIN_API_TOKEN": ("api_token",),
     "CDTRAIN_WEBHOOK_TOKEN": ("webhook_token",),
-    "CDTRAIN_AMQP_URL": ("bus", "url"),
+    "CDTRAIN_BUS_URL": ("bus", "url"),
     "CDTRAIN_TOPOLOGY_PREFIX": ("topology_prefix",),
     "CDTRAIN_MONGODB_URL": ("view_store_url",),
     "CDTRAIN_MONGODB_DATABASE": ("view_store_database",),

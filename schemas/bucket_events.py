@@ -56,7 +56,7 @@ class ObjectCreated(BaseModel):
     sequencer: str | None = None
     event_time: UtcDatetime | None = None
     event_name: str = Field("ObjectCreated:Put", description="Without the 's3:' prefix.")
-    source: Literal["minio", "aws"]
+    source: Literal["minio", "aws", "local"]
 
     @property
     def uri(self) -> str:

@@ -612,10 +612,10 @@ async def test_api_token_guards_train_routes(bus: MessageBus, serve: Serve) -> N
 # --- settings and process wiring --------------------------------------------------------------------
 def test_settings_from_env() -> None:
     env = {
-        "CDTRAIN_PORT": "9000", "CDTRAIN_API_TOKEN": "abc", "CDTRAIN_AMQP_URL": "amqp://u:p@rabbit:5672/",
+        "CDTRAIN_PORT": "9000", "CDTRAIN_API_TOKEN": "abc", "CDTRAIN_BUS_URL": "amqp://u:p@rabbit:5672/",
         "CDTRAIN_MONGODB_URL": "mongodb://mongo:27017/cdtrain", "CDTRAIN_TRIGGER_PREFIX": "incoming/",
         "CDTRAIN_TRIGGER_BUCKETS": "a-bucket, b-bucket", "CDTRAIN_SQS_QUEUE_URL": "https://sqs/q",
-        "CDTRAIN_SQS_WAIT_S": "5", "S3_ENDPOINT_URL": "http://minio:9000", "CDTRAIN_BUCKET_EVENTS_AMQP_URL": "amqp://x/",
+        "CDTRAIN_SQS_WAIT_S": "5", "CDTRAIN_S3_ENDPOINT_URL": "http://minio:9000", "CDTRAIN_BUCKET_EVENTS_AMQP_URL": "amqp://x/",
         "HOSTNAME": "api-0", "UNRELATED": "ignored", "CDTRAIN_WEBHOOK_TOKEN": "",
     }
     s = IngressSettings.from_env(env)

@@ -140,7 +140,8 @@ async def test_s3_unreachable_endpoint_is_a_clear_error() -> None:
 
 def test_s3_settings_from_env_and_secrets_hidden() -> None:
     settings = S3Settings.from_env(
-        {"S3_ENDPOINT_URL": "http://minio:9000", "S3_ACCESS_KEY_ID": "ak", "S3_SECRET_ACCESS_KEY": "sk", "HOME": "/x"}
+        {"CDTRAIN_S3_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "ak", "AWS_SECRET_ACCESS_KEY": "sk",
+         "HOME": "/x"}
     )
     assert settings.endpoint_url == "http://minio:9000" and settings.region == "us-east-1"
     assert "sk" not in repr(settings)

@@ -14,7 +14,7 @@ from snunet_cbam.hooks import TrainResult
 from .hooks import MlflowHooks
 from .model import log_best_model
 from .registry import register_and_promote
-from .runs import mlflow_run_status, start_job_run
+from .runs import ensure_experiment, mlflow_run_status, start_job_run
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,15 @@ FAILURE_TAG = "failure_reason"
 class MlflowJobTracker:
     """Implements ``consumer.worker.JobTracker``; every method blocks and runs in a worker thread."""
 
-    def __init__(self, client: MlflowClient, experiment: str = "cdtrain") -> None:
+    def __init__(self, client: MlflowClient, experiment: str = "cdtrain", artifact_location: str | None = None) -> None:
         self.client = client
         self.experiment = experiment
+        self.artifact_location = artifact_location
         self._hooks: dict[str, MlflowHooks] = {}
         self._lock = threading.Lock()
 
     def start_run(self, job: TrainJob, config: TrainConfig, attempt: int) -> str:
+        ensure_experiment(self.client, self.experiment, self.artifact_location)
         run_id, _ = start_job_run(self.client, self.experiment, job_id=job.job_id,
                                   dataset_uri=job.request.dataset_uri, source=job.source,
                                   tags={"attempt": str(attempt), "model_name": job.request.model_name})

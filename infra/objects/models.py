@@ -43,19 +43,20 @@ class S3Settings(BaseModel):
     read_timeout_s: float = Field(60.0, gt=0)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], prefix: str = "S3_") -> "S3Settings":
-        """Read ``S3_ENDPOINT_URL``, ``S3_REGION``, ``S3_ACCESS_KEY_ID``, ... from ``env``.
+    def from_env(cls, env: Mapping[str, str]) -> "S3Settings":
+        """``CDTRAIN_S3_ENDPOINT_URL`` (MinIO etc.; unset = AWS) and the standard ``AWS_*`` variables.
 
         The mapping is passed in (usually ``os.environ`` at the process entry point) so nothing
-        below the entry point reads the environment.
+        below the entry point reads the environment. Unset credentials fall back to botocore's
+        default chain (instance profile, IRSA, ~/.aws).
         """
         fields = {
-            "endpoint_url": "ENDPOINT_URL",
-            "region": "REGION",
-            "access_key_id": "ACCESS_KEY_ID",
-            "secret_access_key": "SECRET_ACCESS_KEY",
-            "session_token": "SESSION_TOKEN",
-            "addressing_style": "ADDRESSING_STYLE",
+            "endpoint_url": "CDTRAIN_S3_ENDPOINT_URL",
+            "region": "AWS_DEFAULT_REGION",
+            "access_key_id": "AWS_ACCESS_KEY_ID",
+            "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+            "session_token": "AWS_SESSION_TOKEN",
+            "addressing_style": "CDTRAIN_S3_ADDRESSING_STYLE",
         }
-        values = {name: env[prefix + var] for name, var in fields.items() if env.get(prefix + var)}
+        values = {name: env[var] for name, var in fields.items() if env.get(var)}
         return cls.model_validate(values)

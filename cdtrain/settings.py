@@ -1,0 +1,77 @@
+"""Settings of ``cdtrain serve``, read from the environment in this one place.
+
+Unset service URLs mean the embedded parts, so ``cdtrain serve`` with no settings runs the whole
+service on one machine: an in-process bus, a local-directory object store and a JSON-file view
+store under ``CDTRAIN_DATA_DIR``, and MLflow on a SQLite file there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingress.settings import IngressSettings
+
+# Variables read here, beyond those of IngressSettings (ingress/settings.py, ENV_VARS).
+SERVICE_ENV_VARS = {
+    "CDTRAIN_DATA_DIR": "worker cache, runs and the embedded stores (default .cdtrain)",
+    "MLFLOW_TRACKING_URI": "MLflow tracking server or store (default sqlite:///<data dir>/mlflow.db)",
+    "CDTRAIN_MLFLOW_EXPERIMENT": "MLflow experiment of the job runs (default cdtrain)",
+    "CDTRAIN_HEARTBEAT_S": "seconds between a running job's heartbeats (default 30)",
+    "CDTRAIN_STALE_AFTER_S": "silence after which the watchdog re-queues a job (default 600)",
+    "CDTRAIN_WORKER_CONFIG": "YAML mapping applied over every job's config on this worker, e.g. '{num_workers: 8}'",
+    "CDTRAIN_ALLOW_LOCAL_PATHS": "let jobs read file:// datasets (default: only in the embedded mode)",
+}
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ingress: IngressSettings
+    data_dir: Path = Path(".cdtrain")
+    mlflow_tracking_uri: str
+    mlflow_experiment: str = "cdtrain"
+    heartbeat_interval: float = Field(30.0, gt=0)
+    stale_after: float = Field(600.0, gt=0)
+    worker_config: dict[str, Any] = Field(default_factory=dict)
+    allow_local_paths: bool = False
+
+    @property
+    def embedded_bus(self) -> bool:
+        return self.ingress.bus.in_process
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "ServiceSettings":
+        env = {k: v for k, v in environ.items() if v != ""}
+        data_dir = Path(env.get("CDTRAIN_DATA_DIR", ".cdtrain")).resolve()
+        ingress = IngressSettings.from_env(env)
+        embedded = {}
+        if "CDTRAIN_MONGODB_URL" not in env:
+            embedded["view_store_url"] = str(data_dir / "views.json")
+        s3_configured = "CDTRAIN_S3_ENDPOINT_URL" in env or "AWS_ACCESS_KEY_ID" in env
+        if not s3_configured and ingress.local_objects_dir is None:
+            embedded["local_objects_dir"] = data_dir / "objects"
+        if embedded:
+            ingress = ingress.model_copy(update=embedded)
+        try:
+            worker_config = yaml.safe_load(env.get("CDTRAIN_WORKER_CONFIG", "")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"CDTRAIN_WORKER_CONFIG is not valid YAML: {exc}") from None
+        if not isinstance(worker_config, dict):
+            raise ValueError("CDTRAIN_WORKER_CONFIG must be a YAML mapping, e.g. '{num_workers: 8}'")
+        allow_local = env.get("CDTRAIN_ALLOW_LOCAL_PATHS")
+        return cls(
+            ingress=ingress,
+            data_dir=data_dir,
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir / 'mlflow.db'}"),
+            mlflow_experiment=env.get("CDTRAIN_MLFLOW_EXPERIMENT", "cdtrain"),
+            heartbeat_interval=env.get("CDTRAIN_HEARTBEAT_S", 30.0),
+            stale_after=env.get("CDTRAIN_STALE_AFTER_S", 600.0),
+            worker_config=worker_config,
+            allow_local_paths=(allow_local.lower() in ("1", "true", "yes", "on")) if allow_local
+            else ingress.bus.in_process,
+        )
