@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import socket
 from collections.abc import Callable
 
 from cdtrain.settings import ServiceSettings
-from infra.bus import InProcessBus, MemoryBroker, MessageBus, create_bus
+from infra.bus import BusUnavailable, InProcessBus, MemoryBroker, MessageBus, create_bus
 from infra.views import open_view_store
 from schemas.topology import Topology
 
@@ -26,10 +27,14 @@ ROLES = ("ingress", "consumer", "projector")
 
 
 async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio.Event,
-                on_started: Callable[[list[str]], None] | None = None) -> None:
+                on_started: Callable[[list[str]], None] | None = None,
+                broker: MemoryBroker | None = None) -> None:
+    """Run ``roles`` until ``stop`` is set. ``broker``: the embedded bus's broker, to share it
+    with callers that want to watch it (tests, embedding applications)."""
     ingress_settings = settings.ingress
     topology = Topology(prefix=ingress_settings.topology_prefix)
-    broker = MemoryBroker(topology) if settings.embedded_bus else None
+    if settings.embedded_bus and broker is None:
+        broker = MemoryBroker(topology)
 
     def new_bus() -> MessageBus:
         if broker is not None:
@@ -47,37 +52,64 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
 
         async def connected_bus() -> MessageBus:
             bus = new_bus()
-            await bus.connect()
             stack.push_async_callback(bus.close)
+            await _connect_with_retry(bus, attempts=settings.connect_attempts)
             return bus
 
+        # The ingress starts first: the consumer's heavy imports would otherwise compete with
+        # its broker handshake.
+        ingress_up = asyncio.Event()
+
+        def started(urls: list[str]) -> None:
+            ingress_up.set()
+            if on_started is not None:
+                on_started(urls)
+
         tasks = []
+        if "ingress" in roles:
+            from ingress.main import run_ingress
+
+            bus = await connected_bus() if broker is not None else None  # RabbitMQ: run_ingress retries
+            tasks.append(asyncio.create_task(run_ingress(
+                ingress_settings, stop=stop, on_started=started, bus=bus, view_store=views, object_store=objects,
+                local_bucket_watch=ingress_settings.local_objects_dir is not None)))
+            await asyncio.wait([tasks[0], asyncio.create_task(ingress_up.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+        else:
+            started([])
         if "projector" in roles:
             from consumer.roles import run_projector
             from consumer.watchdog import Watchdog
 
             bus = await connected_bus()
             watchdog = Watchdog(bus, views, stale_after=settings.stale_after, source=_source("watchdog"))
-            tasks.append(run_projector(bus, views, watchdog, stop))
+            tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop)))
         if "consumer" in roles:
-            tasks.append(_run_consumer(settings, await connected_bus(), objects, stop))
-        if "ingress" in roles:
-            from ingress.main import run_ingress
-
-            bus = await connected_bus() if broker is not None else None  # RabbitMQ: run_ingress retries
-            tasks.append(run_ingress(ingress_settings, stop=stop, on_started=on_started, bus=bus,
-                                     view_store=views, object_store=objects,
-                                     local_bucket_watch=ingress_settings.local_objects_dir is not None))
-        elif on_started is not None:
-            on_started([])
+            tasks.append(asyncio.create_task(_run_consumer(settings, await connected_bus(), objects, stop)))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 raise result
 
 
+async def _connect_with_retry(bus: MessageBus, attempts: int, delay: float = 2.0) -> None:
+    """A broker that is restarting (or a loop briefly busy loading a client library) is not a
+    reason to exit: retry for a while, then give up with the broker's error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await bus.connect()
+            return
+        except BusUnavailable as exc:
+            if attempt == attempts:
+                raise
+            log.warning("bus not reachable (%s); retry %d/%d in %.0f s", exc, attempt, attempts - 1, delay)
+            await asyncio.sleep(delay)
+
+
 async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, stop: asyncio.Event) -> None:
-    # The worker's imports (torch, MLflow) take seconds: only this role pays for them.
+    # The worker's imports (torch, MLflow) take seconds: only this role pays for them, in a
+    # thread, so an ingress in the same process answers meanwhile.
+    await asyncio.to_thread(importlib.import_module, "consumer.tracking.job_tracker")
     from mlflow import MlflowClient
 
     from consumer.roles import run_worker
@@ -85,8 +117,15 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, sto
     from consumer.tracking.job_tracker import MlflowJobTracker
     from consumer.worker import TrainingWorker, WorkerSettings
 
-    tracker = MlflowJobTracker(MlflowClient(tracking_uri=settings.mlflow_tracking_uri), settings.mlflow_experiment,
-                               artifact_location=_artifact_location(settings))
+    def open_tracker() -> MlflowJobTracker:
+        # Opening a SQLite store runs its migrations (seconds): never on the event loop, which
+        # must keep answering the broker.
+        tracker = MlflowJobTracker(MlflowClient(tracking_uri=settings.mlflow_tracking_uri),
+                                   settings.mlflow_experiment, artifact_location=_artifact_location(settings))
+        tracker.ensure_experiment()
+        return tracker
+
+    tracker = await asyncio.to_thread(open_tracker)
     worker = TrainingWorker(
         bus, StoreResolver(objects, allow_local_paths=settings.allow_local_paths), tracker,
         WorkerSettings(work_dir=settings.data_dir / "worker", source=_source("worker"),

@@ -39,6 +39,8 @@ class ServiceSettings(BaseModel):
     stale_after: float = Field(600.0, gt=0)
     worker_config: dict[str, Any] = Field(default_factory=dict)
     allow_local_paths: bool = False
+    # Bus connection attempts (2 s apart) of the worker and projector roles before they exit.
+    connect_attempts: int = Field(30, ge=1)
 
     @property
     def embedded_bus(self) -> bool:

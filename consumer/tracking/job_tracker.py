@@ -31,8 +31,11 @@ class MlflowJobTracker:
         self._hooks: dict[str, MlflowHooks] = {}
         self._lock = threading.Lock()
 
+    def ensure_experiment(self) -> str:
+        return ensure_experiment(self.client, self.experiment, self.artifact_location)
+
     def start_run(self, job: TrainJob, config: TrainConfig, attempt: int) -> str:
-        ensure_experiment(self.client, self.experiment, self.artifact_location)
+        self.ensure_experiment()
         run_id, _ = start_job_run(self.client, self.experiment, job_id=job.job_id,
                                   dataset_uri=job.request.dataset_uri, source=job.source,
                                   tags={"attempt": str(attempt), "model_name": job.request.model_name})

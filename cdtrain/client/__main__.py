@@ -1,0 +1,3 @@
+from cdtrain.client.cli import main
+
+raise SystemExit(main())
