@@ -1,4 +1,5 @@
 # cdtrain: event-driven SNUNet-CBAM training service.
+#   make demo   - start the service on embedded parts, train two jobs (bucket drop and REST)
 #   make setup  - create .venv with the project and everything its tests and benchmarks use
 #   make test   - install what is missing, start the services the tests need, run every test
 #   make bench  - training-step benchmark (eager fp32 vs the trainer's optimized path)
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast services bench clean
+.PHONY: setup demo test test-fast services bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+demo: setup
+	@scripts/demo.sh
 
 services:
 	@scripts/ensure-rabbitmq.sh

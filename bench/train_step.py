@@ -11,7 +11,7 @@ parameter groups, fed random ``(batch, 3, crop, crop)`` pairs and a random 0/1 m
                    (what the trainer runs with the default compile=auto on a CPU)
     bf16           channels_last + bf16 autocast forced, no compile
     compile_fp32   contiguous, fp32, torch.compile
-    optimized      channels_last + Precision.choose(device, amp=True) + torch.compile
+    optimized      the trainer's path: channels_last "auto" (NHWC on CUDA / bf16 CPUs), Precision.choose + compile
                    (exactly the trainer's optimised path)
     optimized_bf16 channels_last + bf16 autocast forced + torch.compile
     max_autotune   as optimized, but torch.compile(mode="max-autotune-no-cudagraphs")
@@ -21,7 +21,10 @@ Methodology: each variant lives in its own worker process (so its memory can be 
 own); the parent warms every variant up (a compile's cold start happens there and is reported as
 "compile s"), then runs the timed repeats interleaved (eager, optimized, eager, optimized, ...)
 so that a noisy neighbour slows all variants alike. Only one worker runs at a time. Reported:
-the median images/s over the repeats (an image = one pair of dates), and its ratio to ``eager``.
+the median images/s over the repeats (an image = one pair of dates), its ratio to ``eager``, and,
+as a cross-check on a shared machine, the median CPU-seconds per image of the worker's threads
+(``time.process_time``) and the ratio of those: wall time also counts the time other processes
+held the cores, CPU time does not (only on CPU; on CUDA it is the host's launch cost).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset after warm-up, so it is the
 steady-state step, weights and optimizer state included). On CPU the worker's peak resident set
@@ -54,13 +57,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # name -> (channels_last, precision: "fp32" | "auto" (Precision.choose) | "bf16", compile: False | True | mode)
-VARIANTS: dict[str, tuple[bool, str, bool | str]] = {
+VARIANTS: dict[str, tuple[bool | str, str, bool | str]] = {
     "eager": (False, "fp32", False),
     "channels_last": (True, "fp32", False),
     "amp": (True, "auto", False),
     "bf16": (True, "bf16", False),
     "compile_fp32": (False, "fp32", True),
-    "optimized": (True, "auto", True),
+    "optimized": ("auto", "auto", True),  # exactly the trainer's defaults: auto layout, amp, compile
     "optimized_bf16": (True, "bf16", True),
     "max_autotune": (True, "auto", "max-autotune-no-cudagraphs"),
 }
@@ -124,6 +127,7 @@ def _serve(conn, name: str, opts: dict) -> None:
     from snunet_cbam.losses import HybridLoss
     from snunet_cbam.runtime import Precision
     from snunet_cbam.step import TrainStep
+    from snunet_cbam.runtime import use_channels_last
     from snunet_cbam.trainer import _split_decay_groups
 
     torch.set_num_threads(opts["threads"])
@@ -135,6 +139,7 @@ def _serve(conn, name: str, opts: dict) -> None:
         precision = Precision(torch.bfloat16, False)
     else:
         precision = Precision.choose(device, amp=True)
+    channels_last = use_channels_last(channels_last, device, precision)
 
     torch.manual_seed(opts["seed"])  # every variant starts from the same weights and inputs
     cfg = TrainConfig(base_channel=opts["base_channel"], crop_size=opts["crop"], batch_size=opts["batch"])
@@ -447,8 +452,8 @@ def print_table(names: list[str], results: dict[str, dict], device: str) -> None
     print("-" * len(header))
     for name in names:
         res = results.get(name, {})
-        cl, _, comp = VARIANTS[name]
-        fmt = "channels_last" if cl else "contiguous"
+        _, _, comp = VARIANTS[name]
+        fmt = "channels_last" if res.get("channels_last", VARIANTS[name][0] is True) else "contiguous"
         comp_s = "no" if not comp else ("yes" if comp is True else "autotune")
         if "median_images_per_s" not in res:
             if "skipped" in res:

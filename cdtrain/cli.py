@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from cdtrain.client import cli as client_cli
 from snunet_cbam import cli as ml_cli
 
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdtrain", description="SNUNet-CBAM change-detection training")
     subparsers = parser.add_subparsers(dest="command", required=True)
     ml_cli.register(subparsers)
+    client_cli.register(subparsers)
     serve = subparsers.add_parser("serve", help="run the service (all roles on embedded parts by default)")
     serve.add_argument("--role", choices=("all", "ingress", "consumer", "projector"), default="all")
     serve.set_defaults(runner=_serve)

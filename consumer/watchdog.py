@@ -20,8 +20,7 @@ from infra.bus import MessageBus
 from infra.views import JobViewStore
 from schemas import JobState, JobView, StatusEvent, TrainJob, utc_now
 
-from .status import ATTEMPT_STRIDE
-from .worker import ATTEMPT_HEADER
+from .status import ATTEMPT_HEADER, ATTEMPT_STRIDE
 
 log = logging.getLogger(__name__)
 

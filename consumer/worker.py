@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from consumer.dataset_fetch import DatasetFetchError, fetch_config, fetch_dataset
-from consumer.status import ATTEMPT_STRIDE, JobStatusPublisher
+from consumer.status import ATTEMPT_HEADER, ATTEMPT_STRIDE, JobStatusPublisher
 from consumer.status_hooks import StatusHooks
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
@@ -30,9 +30,6 @@ from snunet_cbam.hooks import TrainerHooks, TrainResult
 from snunet_cbam.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-ATTEMPT_HEADER = "x-cdtrain-attempt"
-
 
 class JobInputError(Exception):
     """The job cannot run as asked; the message tells the user what to change."""

@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     seed: int = 42
     device: Literal["auto", "cuda", "mps", "cpu"] | str = "auto"
     amp: bool = True
-    channels_last: bool = True
+    channels_last: Literal["auto"] | bool = "auto"
     compile: Literal["auto"] | bool = "auto"
     time_limit_minutes: float | None = Field(None, gt=0)
 

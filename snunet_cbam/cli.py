@@ -8,11 +8,6 @@ import logging
 import sys
 from pathlib import Path
 
-from schemas.training import ConfigError
-
-from .data.check import InvalidDatasetError
-from .data.layouts import DatasetLayoutError
-
 EXIT_BAD_INPUT = 2
 
 
@@ -114,6 +109,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed ML command; bad input becomes a message and exit code 2, not a traceback."""
+    from schemas.training import ConfigError
+
+    from .data.check import InvalidDatasetError
+    from .data.layouts import DatasetLayoutError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -53,6 +53,7 @@ from .runtime import (
     seed_everything,
     select_device,
     should_compile,
+    use_channels_last,
 )
 from .schedules import build_scheduler
 from .step import TrainStep
@@ -167,7 +168,8 @@ class Trainer:
         model = build_model(cfg).to(device)
         loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
         optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-        train_step = TrainStep(model, loss_fn, optimizer, device, precision, cfg.channels_last,
+        channels_last = use_channels_last(cfg.channels_last, device, precision)
+        train_step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last,
                                compile=should_compile(cfg.compile, device))
         scheduler = build_scheduler(
             optimizer, kind=cfg.scheduler, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio,
@@ -201,7 +203,7 @@ class Trainer:
         def evaluate(role: str) -> dict[str, float]:
             return evaluate_model(model, eval_loaders[role], device, window=cfg.window_size,
                                   overlap=cfg.window_overlap, threshold=cfg.threshold, precision=precision,
-                                  loss_fn=loss_fn, channels_last=cfg.channels_last)
+                                  loss_fn=loss_fn, channels_last=channels_last)
 
         def checkpoint_state(epoch: int) -> dict[str, Any]:
             return {

@@ -897,9 +897,6 @@ def test_ingress_command_serves_health_with_only_its_requirements(tmp_path: Path
     assert code == 0, process.stdout.read()[-3000:]
 
 
-@pytest.mark.xfail(reason="cdtrain/cli.py imports snunet_cbam.cli at start-up, which imports Pillow "
-                          "(snunet_cbam/data/check.py); once this passes, the ingress image and manifests "
-                          "can run `cdtrain serve --role ingress` (INGRESS_COMMAND, docs/deploy.md)")
 def test_cdtrain_serve_starts_without_the_ml_packages() -> None:
     code = ("from cdtrain.cli import main\n"
             "try:\n    main(['serve', '--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
