@@ -71,7 +71,8 @@ def plan_update(event: StatusEvent) -> ViewUpdate:
         "job_id": data.job_id,
         "state": data.state.value,
         "phase": data.phase.value if data.phase else None,
-        "error": data.error if data.state in (JobState.FAILED, JobState.CANCELLED) else None,
+        # A FAILED/CANCELLED reason, or a note on a re-queued job (the watchdog says why).
+        "error": data.error,
         "updated_at": event.time,
         "last_sequence": data.sequence,
     }
