@@ -36,16 +36,16 @@ the projector is another process). A view is "readable" when ``GET /train/{id}``
 script polls it every 2 ms (bounded by --event-timeout).
 
 Item 1 runs warm-up requests first (not timed), then the timed requests in blocks that alternate
-between the stacks (ABBA order), so a noisy neighbour slows both alike; before each block the
-projector of the previous block has caught up (every QUEUED event it was sent is handled), so one
-stack's background work does not land in the other's timings. Medians and p90 (linear
+between the stacks (ABBA order), so a noisy neighbour slows both alike; before each block both
+projectors have caught up (every QUEUED event sent so far is handled), so one stack's background
+work does not land in the other's timings. Medians and p90 (linear
 interpolation) are reported; --json also keeps every sample.
 
 Everything listens on 127.0.0.1 only. At the end the script stops what it started (the app
 runners, nx-27017, moto, the cdtrain subprocesses), deletes its RabbitMQ queues and exchanges,
 its SQS queue, its buckets and its MongoDB database, and removes its temporary directories.
 
-    .venv/bin/python bench/service_latency.py                      # about 1-2 minutes
+    .venv/bin/python bench/service_latency.py                      # 40-50 s on 2 cores
     .venv/bin/python bench/service_latency.py --requests 200 --events 30 --starts 3 --json /tmp/lat.json
 
 Needs RabbitMQ on 127.0.0.1:5672 (guest/guest; ``rabbitmq-server -detached`` if it is down), and
@@ -81,6 +81,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.machine import core_count, cpu_model  # noqa: E402
+
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 START_TIMEOUT_S = 30.0
 POLL_S = 0.002  # GET /train/{id} polling interval while waiting for a view
@@ -109,22 +111,6 @@ def summary(xs: list[float]) -> dict[str, Any]:
     return {"n": len(xs), "median_ms": statistics.median(xs) * 1e3, "p90_ms": percentile(xs, 0.9) * 1e3,
             "min_ms": min(xs) * 1e3, "max_ms": max(xs) * 1e3}
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def core_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def masked(url: str) -> str:
@@ -290,14 +276,20 @@ async def serve_stack(stack: Stack, opened: list[Stack]) -> Stack:
     return stack
 
 
-async def close_stack(stack: Stack) -> None:
-    if stack.runner is not None:
-        await stack.runner.cleanup()
-    if stack.subscription is not None:
-        await stack.subscription.close()
-    await stack.bus.close()
-    for cleanup in reversed(stack.cleanups):
-        await cleanup()
+async def close_stack(stack: Stack) -> list[str]:
+    """Every step is tried; returns the ones that failed."""
+    steps = [stack.runner.cleanup if stack.runner is not None else None,
+             stack.subscription.close if stack.subscription is not None else None,
+             stack.bus.close, *reversed(stack.cleanups)]
+    failed = []
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            await step()
+        except Exception as exc:  # noqa: BLE001 - keep cleaning up
+            failed.append(f"{stack.name} stack: {getattr(step, '__qualname__', step)}: {type(exc).__name__}: {exc}")
+    return failed
 
 
 async def wait_projected(stack: Stack, timeout: float) -> None:
@@ -337,7 +329,8 @@ async def bench_post(http: Any, stacks: list[Stack], requests: int, warmup: int,
         order = stacks if rnd % 2 == 0 else list(reversed(stacks))  # ABBA
         for stack in order:
             n = min(block, requests - done[stack.name])
-            await wait_projected(stack, timeout)
+            for other in stacks:  # both projectors idle: no background work from the last block
+                await wait_projected(other, timeout)
             for _ in range(n):
                 keyed = done[stack.name] % 2 == 1
                 samples[stack.name]["keyed" if keyed else "plain"].append(await post_once(http, stack, keyed))
@@ -699,10 +692,7 @@ async def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 for path, parts in events.items()}
     finally:
         for stack in reversed(stacks):
-            try:
-                await close_stack(stack)
-            except Exception as exc:  # noqa: BLE001 - keep cleaning up
-                leftovers.append(f"{stack.name} stack: {type(exc).__name__}: {exc}")
+            leftovers += await close_stack(stack)
         if topology_used:
             try:
                 leftovers += await delete_topology(args.amqp_url, topology)

@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.machine import core_count, cpu_model  # noqa: E402
+
 # name -> (channels_last, precision: "fp32" | "auto" (Precision.choose) | "bf16", compile: False | True | mode)
 VARIANTS: dict[str, tuple[bool | str, str, bool | str]] = {
     "eager": (False, "fp32", False),
@@ -69,23 +71,6 @@ VARIANTS: dict[str, tuple[bool | str, str, bool | str]] = {
 }
 DEFAULT_VARIANTS = "eager,channels_last,amp,optimized"  # 'amp' is dropped where it resolves to fp32
 SETTLE_S = 0.25  # pause between two workers' turns, so the previous one's threads are asleep
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def core_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _rss_kib(field: str) -> int | None:

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from infra.bus import MessageBus
 from infra.views import JobViewStore, Projector
 from schemas import StatusEvent, TrainJob
 
 from .watchdog import Watchdog
-from .worker import TrainingWorker
+
+if TYPE_CHECKING:  # the worker imports torch; the projector role must start without it
+    from .worker import TrainingWorker
 
 log = logging.getLogger(__name__)
 
 
-async def run_worker(bus: MessageBus, worker: TrainingWorker, stop: asyncio.Event) -> None:
+async def run_worker(bus: MessageBus, worker: "TrainingWorker", stop: asyncio.Event) -> None:
     subscription = await bus.consume_requests(worker.handle, model=TrainJob, prefetch=1)
     log.info("worker consuming train requests")
     try:

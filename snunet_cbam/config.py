@@ -33,7 +33,10 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{pair}' must look like key=value")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{pair}': the value is not valid YAML ({exc})") from None
     return values
 
 

@@ -21,19 +21,14 @@ class BadInput(ValueError):
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["epochs=5", "amp=false"]`` -> ``{"epochs": 5, "amp": False}`` (as snunet_cbam.config does)."""
-    import yaml
+    """``--set`` values, parsed as the training CLI parses them (snunet_cbam.config imports no torch)."""
+    from schemas.training import ConfigError
+    from snunet_cbam.config import parse_overrides as parse
 
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"override '{pair}' must look like key=value")
-        try:
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise BadInput(f"override '{pair}': the value is not valid YAML ({exc})") from None
-    return values
+    try:
+        return parse(pairs)
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def _out(text: str) -> None:
