@@ -19,12 +19,13 @@ echo "== starting the service on ${CDTRAIN_URL} (log: ${DEMO}/serve.log)"
 CDTRAIN_DATA_DIR="$DEMO/data" CDTRAIN_PORT="$PORT" CDTRAIN_HEARTBEAT_S=5 "$BIN/cdtrain" serve >"$DEMO/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
+ready() { "$BIN/python" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=2).read().decode())' "$CDTRAIN_URL"; }
 for _ in $(seq 1 120); do
-  if curl -fs "${CDTRAIN_URL}/readyz" >/dev/null 2>&1; then break; fi
+  if ready >/dev/null 2>&1; then break; fi
   if ! kill -0 "$SERVER" 2>/dev/null; then echo "the service did not start:"; tail -20 "$DEMO/serve.log"; exit 1; fi
   sleep 0.5
 done
-curl -fs "${CDTRAIN_URL}/readyz"; echo
+ready
 
 echo "== making a synthetic dataset"
 "$BIN/cdtrain" make-dataset --out "$DEMO/synthetic" --pairs 40 --size 128 --seed 0

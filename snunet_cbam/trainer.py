@@ -183,7 +183,8 @@ class Trainer:
         if resume:
             if not last_path.exists():
                 raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
-            state = load_checkpoint(last_path, map_location=device)
+            # On the CPU: RNG states must stay CPU tensors; model and optimizer copy to the device.
+            state = load_checkpoint(last_path, map_location="cpu")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
