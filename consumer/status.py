@@ -16,12 +16,10 @@ from typing import Any
 
 from infra.bus import BusUnavailable, MessageBus
 from schemas import JobPhase, JobState, StatusEvent, TrainJob
+from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-ATTEMPT_STRIDE = 1_000_000
-# Header of a re-published request: which attempt it is (worker shutdown, watchdog).
-ATTEMPT_HEADER = "x-cdtrain-attempt"
 # Fields a view keeps at their last non-null value: repeated on every event so that any event,
 # heartbeats included, carries the whole picture.
 _STICKY = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias")

@@ -2,16 +2,16 @@
 
 Order, and why:
 
-1. **Request first, confirmed.** ``publish_request`` returns only once RabbitMQ has confirmed the
-   request into the durable quorum queue. If it fails, nothing has been written anywhere, so
-   the caller answers 503 and a retry is clean.
-2. **Then QUEUED (sequence 0)**, published to the status topic and, with write-through on,
-   applied to the view store directly, concurrently. A GET right after the 202 then finds the
-   job, and a duplicate bucket event is recognised before the projector has run. The
-   projector applying the same event later is a no-op.
-3. If QUEUED cannot be published after the request was confirmed, the job is still accepted
-   (it is durable in the queue and will run); the event is retried in the background, and the
-   view store merges a QUEUED that arrives after the worker's own events (infra/views/merge.py).
+1. **QUEUED first, confirmed**, on the status topic. If the broker does not confirm it, nothing
+   was accepted: the caller answers 503 and a retry is clean.
+2. **Then the request**, confirmed into the durable quorum queue, while the QUEUED event is also
+   applied to the view store directly (write-through: a GET right after the 202 finds the job,
+   and a duplicate bucket event is recognised before the projector has run). Because the worker
+   can only see the request after the QUEUED event was routed, every subscriber sees a job's
+   events in order, QUEUED first.
+3. If the request is not confirmed, the job is recorded as FAILED "not accepted" (view and,
+   when the bus allows, an event) and the caller gets 503. A retry with the same idempotency key
+   starts the job's next attempt (its events numbered from ``attempt * ATTEMPT_STRIDE``).
 
 Deduplication: a request with an idempotency key gets the job id ``new_job_id(key)``; a key
 already in the view store answers with that job instead of publishing. Concurrent duplicates
@@ -31,7 +31,18 @@ from typing import TYPE_CHECKING, TypeVar
 from infra.bus.errors import BusUnavailable
 from ingress.errors import IdempotencyConflict, Unavailable
 from schemas.events import CLOUDEVENTS_CONTENT_TYPE, StatusEvent
-from schemas.jobs import BucketTrigger, JobSource, JobState, JobView, TrainJob, TrainRequest, new_job_id
+from schemas.jobs import (
+    ATTEMPT_HEADER,
+    ATTEMPT_STRIDE,
+    NOT_ACCEPTED,
+    BucketTrigger,
+    JobSource,
+    JobState,
+    JobView,
+    TrainJob,
+    TrainRequest,
+    new_job_id,
+)
 
 if TYPE_CHECKING:
     from infra.bus.base import MessageBus
@@ -40,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_QUEUED_RETRIES = 20  # x retry_after: a few minutes of broker trouble, then give up (logged)
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,6 @@ class Submitter:
         self.event_source = event_source
         self.write_through = write_through
         self._locks = KeyedLock()
-        self._retries: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: TrainRequest, *, source: JobSource = "api",
                      trigger: BucketTrigger | None = None) -> Submission:
@@ -113,11 +122,16 @@ class Submitter:
         job_id = new_job_id(key)
         async with self._locks.hold(job_id):
             existing = await self._existing(job_id, key)
+            attempt = 0
             if existing is not None:
                 if existing.request is not None and existing.request != request:
                     raise IdempotencyConflict(key, existing.job_id)
-                return Submission(existing.job_id, existing.state, created=False)
-            return await self._accept(TrainJob(job_id=job_id, request=request, source=source, trigger=trigger))
+                if not _not_accepted(existing):
+                    return Submission(existing.job_id, existing.state, created=False)
+                # The earlier try never reached the queue: this one is the job's next attempt.
+                attempt = existing.last_sequence // ATTEMPT_STRIDE + 1
+            job = TrainJob(job_id=job_id, request=request, source=source, trigger=trigger)
+            return await self._accept(job, attempt)
 
     async def _existing(self, job_id: str, key: str) -> JobView | None:
         view = await self.views.call(self.views.store.get(job_id))
@@ -126,41 +140,42 @@ class Submitter:
             view = await self.views.call(self.views.store.find_by_idempotency_key(key))
         return view
 
-    async def _accept(self, job: TrainJob) -> Submission:
+    async def _accept(self, job: TrainJob, attempt: int = 0) -> Submission:
+        """QUEUED first, then the request: the worker's events can only follow the QUEUED event,
+        so every subscriber sees a job's events in order. A request the broker does not confirm
+        is recorded as FAILED ("not accepted"); a retry with the same key runs it."""
+        queued = StatusEvent.queued(job, source=self.event_source, sequence=attempt * ATTEMPT_STRIDE)
         try:
-            await self.bus.publish_request(job, message_id=job.job_id)
+            await self._publish_event(queued)
         except BusUnavailable as exc:
             raise Unavailable("message bus", str(exc), retry_after=exc.retry_after) from exc
-        event = StatusEvent.queued(job, source=self.event_source)
-        await asyncio.gather(self._publish_queued(event), self._write_view(event))
+        view_written = asyncio.create_task(self._write_view(queued))
+        try:
+            await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
+        except BusUnavailable as exc:
+            await view_written
+            await self._record_not_accepted(queued, exc)
+            raise Unavailable("message bus", str(exc), retry_after=exc.retry_after) from exc
+        await view_written
         return Submission(job.job_id, JobState.QUEUED, created=True)
 
-    async def _publish_queued(self, event: StatusEvent) -> None:
+    async def _record_not_accepted(self, queued: StatusEvent, exc: BusUnavailable) -> None:
+        failed = StatusEvent.for_job(
+            queued.job_id, queued.sequence + 1, JobState.FAILED, source=self.event_source,
+            error=f"{NOT_ACCEPTED}: the message bus did not confirm the request ({exc}); nothing ran, "
+                  "submit it again",
+        )
+        await self._write_view(failed)
         try:
-            await self._publish_event(event)
-        except BusUnavailable as exc:
-            log.warning("job %s is queued but its QUEUED event was not confirmed (%s); retrying "
-                        "in the background", event.job_id, exc)
-            task = asyncio.create_task(self._retry_queued(event, exc.retry_after))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            await self._publish_event(failed)
+        except BusUnavailable:
+            # Subscribers saw QUEUED only; the view (written directly) says FAILED.
+            log.warning("job %s: its FAILED (not accepted) event was not published", queued.job_id)
 
     async def _publish_event(self, event: StatusEvent) -> None:
         # message_id = the event id: a redelivered or re-published event stays one event.
         await self.bus.publish_status(event, event.routing_key, message_id=event.id,
                                       content_type=CLOUDEVENTS_CONTENT_TYPE)
-
-    async def _retry_queued(self, event: StatusEvent, delay: float) -> None:
-        for _ in range(_QUEUED_RETRIES):
-            await asyncio.sleep(delay)
-            try:
-                await self._publish_event(event)
-                log.info("QUEUED event of job %s published on retry", event.job_id)
-                return
-            except BusUnavailable as exc:
-                delay = exc.retry_after
-        log.error("gave up publishing the QUEUED event of job %s; its view will show the job "
-                  "from the worker's events on", event.job_id)
 
     async def _write_view(self, event: StatusEvent) -> None:
         if not self.write_through:
@@ -171,12 +186,9 @@ class Submitter:
             # Not fatal: the projector applies the same event from the bus.
             log.warning("job %s: QUEUED view not written directly (%s); the projector will", event.job_id, exc)
 
-    @property
-    def pending_retries(self) -> int:
-        return len(self._retries)
-
     async def close(self) -> None:
-        tasks = list(self._retries)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Nothing runs in the background any more; kept for the app's shutdown hook."""
+
+
+def _not_accepted(view: JobView) -> bool:
+    return view.state is JobState.FAILED and (view.error or "").startswith(NOT_ACCEPTED)

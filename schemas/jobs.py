@@ -142,6 +142,16 @@ class TrainRequest(BaseModel):
         return TrainConfig.from_mapping(self.config, base)
 
 
+# A job's attempts: events of attempt n are numbered from n * ATTEMPT_STRIDE, so every retry
+# (re-queued by a worker shutdown or the watchdog, or re-submitted after a request the broker did
+# not confirm) moves the job's view forward. The request of attempt n carries ATTEMPT_HEADER = n.
+ATTEMPT_STRIDE = 1_000_000
+ATTEMPT_HEADER = "x-cdtrain-attempt"
+# The FAILED reason of a submission whose request the broker did not confirm: nothing ran, and a
+# retry with the same idempotency key starts the job afresh.
+NOT_ACCEPTED = "not accepted"
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     STARTING = "starting"

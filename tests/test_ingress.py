@@ -33,7 +33,7 @@ from ingress.app import create_app
 from ingress.main import run_ingress
 from ingress.settings import IngressSettings
 from schemas.events import StatusEvent
-from schemas.jobs import JobState, TrainJob, TrainRequest, new_job_id
+from schemas.jobs import ATTEMPT_STRIDE, NOT_ACCEPTED, JobState, TrainJob, TrainRequest, new_job_id
 from tests.fixtures.rabbit import BusFactory, delete_topology, new_topology
 
 T = TypeVar("T")
@@ -311,38 +311,57 @@ async def test_unreachable_rabbitmq_is_503(view_store: JobViewStore, serve: Serv
     await dead.close()
 
 
-async def test_request_not_confirmed_leaves_nothing_behind(bus: MessageBus, view_store: JobViewStore,
-                                                            serve: Serve) -> None:
+async def test_request_not_confirmed_is_recorded_and_a_retry_runs_it(bus: MessageBus, view_store: JobViewStore,
+                                                                     serve: Serve) -> None:
     flaky = FlakyBus(bus, fail_requests=1)
     client = await serve(flaky, view_store)
     resp = await client.post("/train", json={"dataset_uri": DATASET, "idempotency_key": "retry-me"})
-    assert resp.status == 503
-    assert (await view_store.list())[0] == [] and await bus.request_backlog() == 0
-    # The client's retry with the same key is a fresh, clean submission.
+    assert resp.status == 503 and "Retry-After" in resp.headers
+    job_id = new_job_id("retry-me")
+    view = await view_store.get(job_id)
+    assert view is not None and view.state is JobState.FAILED and view.error.startswith(NOT_ACCEPTED)
+    assert await bus.request_backlog() == 0
+    # The client's retry with the same key starts the job's next attempt.
     resp = await client.post("/train", json={"dataset_uri": DATASET, "idempotency_key": "retry-me"})
-    assert resp.status == 202 and (await resp.json())["job_id"] == new_job_id("retry-me")
+    assert resp.status == 202 and (await resp.json())["job_id"] == job_id
     assert await bus.request_backlog() == 1
+    view = await view_store.get(job_id)
+    assert view.state is JobState.QUEUED and view.last_sequence == ATTEMPT_STRIDE and view.error is None
 
 
-async def test_queued_event_not_confirmed_still_accepts_the_job(bus_factory: BusFactory,
-                                                                view_store: JobViewStore, serve: Serve) -> None:
-    """The request is durable, so the job is accepted; its QUEUED event follows on retry."""
-    inner, watcher = await bus_factory(), await bus_factory()
-    seen: asyncio.Queue[StatusEvent] = asyncio.Queue()
-
-    async def on_event(ev: StatusEvent, delivery: Delivery) -> None:
-        await seen.put(ev)
-
-    await watcher.subscribe_status("job.#", on_event, model=StatusEvent)
-    flaky = FlakyBus(inner, fail_status=2)
+async def test_queued_event_not_confirmed_is_503_and_nothing_is_accepted(bus: MessageBus, view_store: JobViewStore,
+                                                                         serve: Serve) -> None:
+    """QUEUED goes first, so a broker that cannot confirm it has accepted nothing."""
+    flaky = FlakyBus(bus, fail_status=1)
     client = await serve(flaky, view_store)
     resp = await client.post("/train", json={"dataset_uri": DATASET})
-    assert resp.status == 202
-    job_id = (await resp.json())["job_id"]
-    assert (await view_store.get(job_id)).state is JobState.QUEUED  # type: ignore[union-attr]
-    ev = await asyncio.wait_for(seen.get(), WAIT)  # published by the background retry
-    assert (ev.job_id, ev.sequence, ev.state) == (job_id, 0, JobState.QUEUED)
-    assert await inner.request_backlog() == 1
+    assert resp.status == 503
+    assert (await view_store.list())[0] == [] and await bus.request_backlog() == 0
+
+
+async def test_a_subscriber_sees_queued_before_the_workers_events(bus_factory: BusFactory,
+                                                                  view_store: JobViewStore, serve: Serve) -> None:
+    """A worker answering at once still comes after QUEUED: it can only see the request after it."""
+    ingress_bus, worker_bus, watcher = await bus_factory(), await bus_factory(), await bus_factory()
+    seen: list[StatusEvent] = []
+
+    async def on_event(ev: StatusEvent, delivery: Delivery) -> None:
+        seen.append(ev)
+
+    async def eager_worker(job: TrainJob, delivery: Delivery) -> None:
+        event = StatusEvent.for_job(job.job_id, 1, JobState.STARTING, source="/test/worker")
+        await worker_bus.publish_status(event, event.routing_key)
+
+    await watcher.subscribe_status("job.#", on_event, model=StatusEvent)
+    await worker_bus.consume_requests(eager_worker, model=TrainJob)
+    client = await serve(ingress_bus, view_store)
+    ids = [(await (await client.post("/train", json={"dataset_uri": DATASET})).json())["job_id"] for _ in range(20)]
+    for _ in range(100):
+        if len(seen) == 40:
+            break
+        await asyncio.sleep(0.05)
+    for job_id in ids:
+        assert [ev.state for ev in seen if ev.job_id == job_id] == [JobState.QUEUED, JobState.STARTING]
 
 
 async def test_view_store_down_is_503_and_not_ready(bus: MessageBus, serve: Serve) -> None:
