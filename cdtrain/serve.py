@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 
 from cdtrain.settings import ServiceSettings
@@ -148,6 +149,14 @@ def _source(role: str) -> str:
 def main(role: str) -> int:
     settings = ServiceSettings.from_env(os.environ)
     logging.basicConfig(level=settings.ingress.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if role != "all" and settings.embedded_bus:
+        # The embedded bus only connects the roles of one process.
+        advice = ("set CDTRAIN_BUS_URL (amqp://...), or run `cdtrain serve` (all roles) for a one-machine "
+                  "service")
+        if role != "ingress":
+            print(f"error: --role {role} alone on the embedded bus would never see a job: {advice}", file=sys.stderr)
+            return 2
+        log.warning("the ingress alone on the embedded bus accepts jobs that no worker will see: %s", advice)
     roles = ROLES if role == "all" else (role,)
 
     async def run() -> None:
