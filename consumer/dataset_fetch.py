@@ -282,20 +282,27 @@ async def _download_all(
     max_concurrency: int,
 ) -> None:
     # A fixed pool of workers over one iterator bounds concurrency without one task per file
-    # (a tiled LEVIR-CD is tens of thousands of objects).
+    # (a tiled LEVIR-CD is tens of thousands of objects). After a failure the others finish the
+    # object in hand and stop: a cancelled download would go on in its thread and write into a
+    # work directory already removed.
     pending: Iterator[tuple[ObjectInfo, PurePosixPath]] = iter(plan)
+    failed = asyncio.Event()
 
     async def worker() -> None:
         for obj, rel in pending:
-            await _download_one(store, bucket, obj, dest_root / rel)
+            if failed.is_set():
+                return
+            try:
+                await _download_one(store, bucket, obj, dest_root / rel)
+            except BaseException:
+                failed.set()
+                raise
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(max_concurrency, len(plan))):
-                group.create_task(worker())
-    except ExceptionGroup as group_error:
-        first = next((e for e in group_error.exceptions if isinstance(e, DatasetFetchError)), None)
-        raise first or group_error.exceptions[0] from None
+    results = await asyncio.gather(*(worker() for _ in range(min(max_concurrency, len(plan)))),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if isinstance(e, DatasetFetchError)), errors[0])
 
 
 async def _download_one(store: ObjectStore, bucket: str, obj: ObjectInfo, dest: Path) -> None:
