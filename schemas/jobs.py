@@ -152,20 +152,22 @@ ATTEMPT_HEADER = "x-cdtrain-attempt"
 NOT_ACCEPTED = "not accepted"
 
 
-class JobState(StrEnum):
+class _AnyCaseEnum(StrEnum):
+    @classmethod
+    def _missing_(cls, value: object) -> "_AnyCaseEnum | None":
+        # Accept "RUNNING" as well as "running" (query strings, enum names in configs).
+        if isinstance(value, str):
+            return cls.__members__.get(value.upper())
+        return None
+
+
+class JobState(_AnyCaseEnum):
     QUEUED = "queued"
     STARTING = "starting"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-    @classmethod
-    def _missing_(cls, value: object) -> "JobState | None":
-        # Accept "RUNNING" as well as "running" (query strings, enum names in configs).
-        if isinstance(value, str):
-            return cls.__members__.get(value.upper())
-        return None
 
     @property
     def is_terminal(self) -> bool:
@@ -175,17 +177,11 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
-class JobPhase(StrEnum):
+class JobPhase(_AnyCaseEnum):
     DOWNLOADING = "downloading"
     TRAINING = "training"
     EVALUATING = "evaluating"
     REGISTERING = "registering"
-
-    @classmethod
-    def _missing_(cls, value: object) -> "JobPhase | None":
-        if isinstance(value, str):
-            return cls.__members__.get(value.upper())
-        return None
 
 
 JobSource = Literal["api", "bucket"]
