@@ -16,7 +16,7 @@ from typing import Any
 
 from infra.bus import BusUnavailable, MessageBus
 from schemas import JobPhase, JobState, StatusEvent, TrainJob
-from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE  # noqa: F401 - re-exported
+from schemas.jobs import ATTEMPT_STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class JobStatusPublisher:
     def _make(self, state: JobState, phase: JobPhase | None, fields: dict[str, Any]) -> StatusEvent:
         with self._lock:
             self._sequence += 1
-            self._sticky.update({k: v for k, v in fields.items() if k in _STICKY and v is not None})
+            self._remember(fields)
             self.state, self.phase = state, phase
             merged = {**self._sticky, **{k: v for k, v in fields.items() if v is not None}}
             return StatusEvent.for_job(
@@ -74,7 +74,10 @@ class JobStatusPublisher:
     def note(self, **fields: Any) -> None:
         """Remember values for the next event without sending one (e.g. the step count)."""
         with self._lock:
-            self._sticky.update({k: v for k, v in fields.items() if k in _STICKY and v is not None})
+            self._remember(fields)
+
+    def _remember(self, fields: dict[str, Any]) -> None:
+        self._sticky.update({k: v for k, v in fields.items() if k in _STICKY and v is not None})
 
     async def heartbeat(self) -> None:
         """Re-state the current state: the watchdog reads liveness from the view's updated_at."""

@@ -19,8 +19,8 @@ from datetime import timedelta
 from infra.bus import MessageBus
 from infra.views import JobViewStore
 from schemas import JobState, JobView, StatusEvent, TrainJob, utc_now
+from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE
 
-from .status import ATTEMPT_HEADER, ATTEMPT_STRIDE
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,17 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from consumer.dataset_fetch import DatasetFetchError, fetch_config, fetch_dataset
-from consumer.status import ATTEMPT_HEADER, ATTEMPT_STRIDE, JobStatusPublisher
+from consumer.status import JobStatusPublisher
 from consumer.status_hooks import StatusHooks
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
 from schemas import ConfigError, JobPhase, JobState, TrainConfig, TrainJob
+from schemas.jobs import ATTEMPT_HEADER
 from snunet_cbam.config import parse_yaml_mapping
 from snunet_cbam.data.check import InvalidDatasetError
 from snunet_cbam.data.layouts import DatasetLayoutError
 from snunet_cbam.hooks import TrainerHooks, TrainResult
+from snunet_cbam.metrics import METRIC_NAMES
 from snunet_cbam.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -178,9 +180,6 @@ def summary_metrics(result: TrainResult) -> dict[str, float]:
     metrics = {f"val_{k}": float(v) for k, v in result.best.items() if k != "epoch"}
     metrics["best_epoch"] = float(result.best["epoch"])
     if result.test:
-        metrics.update({f"test_{k}": float(result.test[k]) for k in ("f1", "iou", "precision", "recall", "accuracy")})
+        metrics.update({f"test_{k}": float(result.test[k]) for k in METRIC_NAMES})
     return metrics
 
-
-def attempt_of(sequence: int) -> int:
-    return sequence // ATTEMPT_STRIDE

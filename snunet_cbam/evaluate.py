@@ -20,9 +20,7 @@ def evaluate_checkpoint(checkpoint: Path | str, data_root: Path | str, split: st
     model, config, state = model_from_checkpoint(checkpoint)
     torch_device = select_device(device or config.device)
     report = check_pairs(list_split(data_root, split), split)
-    if not report.ok and not config.skip_invalid:
-        raise InvalidDatasetError([report])
-    if not report.valid:
+    if not report.valid or (not report.ok and not config.skip_invalid):
         raise InvalidDatasetError([report])
     loader = DataLoader(EvalPairDataset(PairLoader(report.valid), config.normalize), batch_size=1)
     model = model.to(torch_device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from .hooks import (
     TrainResult,
 )
 from .losses import HybridLoss
-from .metrics import ChangeMetrics, ConfusionAccumulator, confusion_counts
+from .metrics import METRIC_NAMES, ChangeMetrics, ConfusionAccumulator, confusion_counts
 from .model import count_parameters
 from .runtime import (
     Precision,
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 METRICS_FILE = "metrics.json"
-_BEST_KEYS = ("f1", "iou", "precision", "recall", "accuracy")
 
 
 @dataclass
@@ -128,12 +127,8 @@ class Trainer:
         crops = cfg.crops_per_image
         if crops == "auto":
             crops = auto_crops_per_image(list(train_report.sizes.values()), cfg.crop_size)
-        augmentation = PairedAugmentation(AugmentParams(
-            crop_size=cfg.crop_size, rotate_limit=cfg.rotate_limit, rotate_prob=cfg.rotate_prob,
-            rotate90_prob=cfg.rotate90_prob, hflip_prob=cfg.hflip_prob, vflip_prob=cfg.vflip_prob,
-            color_jitter_prob=cfg.color_jitter_prob, brightness=cfg.brightness, contrast=cfg.contrast,
-            saturation=cfg.saturation, hue=cfg.hue, blur_prob=cfg.blur_prob, blur_sigma_max=cfg.blur_sigma_max,
-        ))
+        # AugmentParams' fields are named as the config keys they come from.
+        augmentation = PairedAugmentation(AugmentParams(**{f.name: getattr(cfg, f.name) for f in fields(AugmentParams)}))
         train_set = TrainPairDataset(PairLoader(train_report.valid, cache=_should_cache(cfg, train_report)),
                                      augmentation, cfg.normalize, crops, cfg.seed)
         sampler = EpochShuffleSampler(len(train_set), cfg.seed)
@@ -255,7 +250,7 @@ class Trainer:
             else:
                 epochs_without_improvement += 1
             if is_best:
-                best = {"epoch": epoch, **{k: val_metrics[k] for k in _BEST_KEYS}}
+                best = {"epoch": epoch, **{k: val_metrics[k] for k in METRIC_NAMES}}
             history.append({
                 "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - epoch_started,
                 "train": train_metrics, "val": val_metrics,

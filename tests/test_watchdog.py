@@ -8,7 +8,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from consumer.status import ATTEMPT_HEADER, ATTEMPT_STRIDE
+from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE
 from consumer.watchdog import Watchdog
 from infra.bus import Delivery, MessageBus
 from infra.views import JobViewStore, Projector

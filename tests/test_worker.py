@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from consumer.status import ATTEMPT_HEADER
+from schemas.jobs import ATTEMPT_HEADER
 from consumer.stores import StoreResolver
 from consumer.tracking.job_tracker import MlflowJobTracker
 from consumer.worker import TrainingWorker, WorkerSettings
