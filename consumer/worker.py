@@ -110,6 +110,8 @@ class TrainingWorker:
         run_id = await asyncio.to_thread(self.tracker.start_run, job, config, attempt)
         await status.publish(JobState.RUNNING, JobPhase.TRAINING, epochs=config.epochs, mlflow_run_id=run_id)
         cancel = self._cancels[job.job_id] = threading.Event()
+        if self._stopping:  # stop() came while the dataset was downloading
+            cancel.set()
         out_dir = self.settings.work_dir / "runs" / job.job_id / f"attempt-{attempt}"
         trainer = Trainer(config, data_dir, out_dir, hooks=[self.tracker.hooks(run_id), StatusHooks(status)],
                           cancel=cancel)
