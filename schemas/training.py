@@ -9,7 +9,7 @@ better published LEVIR-CD score.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -37,6 +37,8 @@ class TrainConfig(BaseModel):
     # --- model --------------------------------------------------------------------------------
     base_channel: int = Field(32, ge=4)
     use_attention: bool = True
+    spatial_attention: bool = True
+    change_prior: float = Field(0.05, gt=0, lt=1)
 
     # --- loss ---------------------------------------------------------------------------------
     weight_bce: float = Field(1.0, ge=0)
@@ -45,7 +47,9 @@ class TrainConfig(BaseModel):
 
     # --- data and augmentation ----------------------------------------------------------------
     crop_size: int = Field(256, ge=16)
+    crop_max_class_ratio: float = Field(0.75, gt=0, le=1)
     normalize: Literal["imagenet", "none"] = "imagenet"
+    rotate_before_crop: bool = True
     rotate_limit: float = Field(180.0, ge=0, le=180)
     rotate_prob: float = Field(0.5, ge=0, le=1)
     rotate90_prob: float = Field(0.5, ge=0, le=1)
@@ -58,22 +62,29 @@ class TrainConfig(BaseModel):
     hue: float = Field(0.05, ge=0, le=0.5)
     blur_prob: float = Field(0.2, ge=0, le=1)
     blur_sigma_max: float = Field(1.5, gt=0)
+    swap_prob: float = Field(0.5, ge=0, le=1)
+    label_threshold: int = Field(128, ge=1, le=255)
     train_split: str = "train"
     val_split: str = "val"
     test_split: str | None = "test"
     skip_invalid: bool = False
-    num_workers: int = Field(4, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     cache_images: bool = True
     cache_max_gb: float = Field(8.0, ge=0)
 
     # --- evaluation ---------------------------------------------------------------------------
-    window_size: int = Field(256, ge=16)
-    window_overlap: int = Field(32, ge=0)
+    window_size: int | None = Field(1024, ge=16)
+    window_overlap: int = Field(512, ge=0)
+    window_blend: Literal["gaussian", "linear", "mean"] = "gaussian"
     threshold: float = Field(0.5, gt=0, lt=1)
+    tune_threshold: bool = True
+    tta: Literal["none", "flip"] = "none"
 
     # --- early stopping -----------------------------------------------------------------------
     patience: int | None = Field(20, ge=1)
     min_delta: float = Field(0.0, ge=0)
+    min_epochs_fraction: float = Field(0.5, ge=0, le=1)
+    ema_decay: float | None = Field(None, ge=0, lt=1)
 
     # --- runtime ------------------------------------------------------------------------------
     seed: int = 42
@@ -82,10 +93,11 @@ class TrainConfig(BaseModel):
     channels_last: Literal["auto"] | bool = "auto"
     compile: Literal["auto"] | bool = "auto"
     time_limit_minutes: float | None = Field(None, gt=0)
+    log_every_steps: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":
-        if self.window_overlap >= self.window_size:
+        if self.window_size is not None and self.window_overlap >= self.window_size:
             raise ValueError("window_overlap must be smaller than window_size")
         if self.weight_bce == 0 and self.weight_dice == 0:
             raise ValueError("weight_bce and weight_dice cannot both be 0")
@@ -108,12 +120,24 @@ class TrainConfig(BaseModel):
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:
-    """One line per problem, each naming its key, e.g. ``unknown key 'epochz'``."""
-    lines = []
+    """One line per bad key, e.g. ``unknown key 'epochz'``. The alternatives of a union
+    (``int | 'auto'``) are one key, not several: their messages are joined with "or"."""
+    problems: dict[str, list[str]] = {}
+    inputs: dict[str, Any] = {}
+    unknown: list[str] = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        key = ".".join(str(p) for p in err["loc"] if not _is_union_branch(p)) or "(root)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        else:
-            lines.append(f"invalid value for '{key}': {err['msg']} (got {err.get('input')!r})")
+            unknown.append(f"unknown key '{key}'")
+            continue
+        problems.setdefault(key, []).append(err["msg"])
+        inputs[key] = err.get("input")
+    lines = unknown + [f"invalid value for '{key}': {' or '.join(dict.fromkeys(msgs))} (got {inputs[key]!r})"
+                       for key, msgs in problems.items()]
     return f"invalid {what}: " + "; ".join(lines)
+
+
+def _is_union_branch(part: Any) -> bool:
+    """pydantic names a union's alternatives in the error location (``constrained-int``,
+    ``literal['auto']``, ``int``); they are not keys."""
+    return isinstance(part, str) and (not part.isidentifier() or part in {"int", "float", "str", "bool", "none"})

@@ -36,7 +36,8 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 
 def build_model(config: TrainConfig) -> SNUNetCBAM:
-    return SNUNetCBAM(in_channels=3, base_channel=config.base_channel, use_attention=config.use_attention)
+    return SNUNetCBAM(in_channels=3, base_channel=config.base_channel, use_attention=config.use_attention,
+                      spatial_attention=config.spatial_attention, change_prior=config.change_prior)
 
 
 def model_from_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[SNUNetCBAM, TrainConfig, dict]:

@@ -4,7 +4,17 @@ A Siamese nested U-Net: one encoder, shared by both dates, feeds a UNet++ style 
 the four deep-supervision outputs of the top row are fused by the ensemble channel attention
 module (ECAM). As the product describes it, the attention is CBAM-style: channel attention (as in
 the official code) followed by spatial attention. ``use_attention=False`` gives plain SNUNet
-(the four outputs concatenated, no attention).
+(the four outputs concatenated, no attention); ``spatial_attention=False`` keeps ECAM and drops
+only CBAM's spatial gate.
+
+Initialisation decides whether a seed learns at all (docs/training.md, "Every seed learns"): the
+encoder and decoder convolutions get kaiming (fan_out) as in the official code, but
+
+* the 1x1 classifier starts small, normal(0, 0.01), with a bias that makes every pixel start at
+  the change prior (``change_prior``). Kaiming with fan_out = 1 gave logits of +-17 to +-255, a
+  saturated sigmoid and no Dice gradient;
+* the spatial gate's 7x7 convolution starts at zero, so the gate is 0.5 everywhere: neutral. The
+  same kaiming init on the un-normalised ECAM maps closed the gate (mean 1e-4) for some seeds.
 
 The decoder follows the official implementation exactly, including its use of only the second
 date's deeper features in the up-sampling paths, so parameter counts match the paper
@@ -12,6 +22,8 @@ date's deeper features in the up-sampling paths, so parameter counts match the p
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -79,10 +91,14 @@ class SNUNetCBAM(nn.Module):
     cropped back to the input size.
     """
 
-    def __init__(self, in_channels: int = 3, base_channel: int = 32, use_attention: bool = True) -> None:
+    def __init__(self, in_channels: int = 3, base_channel: int = 32, use_attention: bool = True,
+                 spatial_attention: bool = True, change_prior: float = 0.05) -> None:
         super().__init__()
+        if not 0 < change_prior < 1:
+            raise ValueError(f"change_prior must lie in (0, 1), got {change_prior}")
         self.base_channel = base_channel
         self.use_attention = use_attention
+        self.spatial_attention = use_attention and spatial_attention
         f = [base_channel * m for m in (1, 2, 4, 8, 16)]
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
 
@@ -115,6 +131,7 @@ class SNUNetCBAM(nn.Module):
             # attention over their sum; CBAM's spatial attention on the fused map.
             self.ca_inter = ChannelAttention(f[0] * 4, ratio=16)
             self.ca_intra = ChannelAttention(f[0], ratio=4)
+        if self.spatial_attention:
             self.spatial = SpatialAttention()
         self.conv_final = nn.Conv2d(f[0] * 4, 1, kernel_size=1)
 
@@ -124,6 +141,10 @@ class SNUNetCBAM(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        nn.init.normal_(self.conv_final.weight, std=0.01)
+        nn.init.constant_(self.conv_final.bias, math.log(change_prior / (1 - change_prior)))
+        if self.spatial_attention:
+            nn.init.zeros_(self.spatial.conv.weight)
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         x0 = self.conv0_0(x)
@@ -166,6 +187,7 @@ class SNUNetCBAM(nn.Module):
             intra = x0_1 + x0_2 + x0_3 + x0_4
             intra_weights = self.ca_intra(intra).repeat(1, 4, 1, 1)
             out = self.ca_inter(out) * (out + intra_weights)
+        if self.spatial_attention:
             out = out * self.spatial(out)
         logits = self.conv_final(out)
         return logits[..., :height, :width]

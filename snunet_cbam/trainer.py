@@ -31,7 +31,7 @@ from .data.dataset import (
     steps_per_epoch,
 )
 from .data.layouts import DatasetLayoutError, has_split, list_split
-from .evaluation import evaluate_model
+from .scoring import evaluate_model
 from .hooks import (
     CancelToken,
     CheckpointInfo,

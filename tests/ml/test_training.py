@@ -8,7 +8,7 @@ import torch
 
 from snunet_cbam.data.imageio import read_mask
 from snunet_cbam.data.layouts import list_split
-from snunet_cbam.evaluate import evaluate_checkpoint
+from snunet_cbam.checkpoint_eval import evaluate_checkpoint
 from snunet_cbam.hooks import TrainerHooks
 from snunet_cbam.trainer import Trainer
 

@@ -11,7 +11,7 @@ from .checkpoint import model_from_checkpoint
 from .data.check import InvalidDatasetError, check_pairs
 from .data.dataset import EvalPairDataset, PairLoader
 from .data.layouts import list_split
-from .evaluation import evaluate_model
+from .scoring import evaluate_model
 from .runtime import Precision, select_device
 
 
