@@ -35,6 +35,17 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     return state
 
 
+def eval_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights that were validated: the moving average when the run kept one (``ema_decay``),
+    else the trained weights."""
+    return state["ema"]["model"] if "ema" in state else state["model"]
+
+
+def decision_threshold(state: dict[str, Any], config: TrainConfig) -> float:
+    """The threshold tuned on validation at the end of the run, else the configured one."""
+    return float(state.get("threshold", config.threshold))
+
+
 def build_model(config: TrainConfig) -> SNUNetCBAM:
     return SNUNetCBAM(in_channels=3, base_channel=config.base_channel, use_attention=config.use_attention,
                       spatial_attention=config.spatial_attention, change_prior=config.change_prior)
@@ -44,5 +55,5 @@ def model_from_checkpoint(path: Path | str, map_location: str | torch.device = "
     state = load_checkpoint(path, map_location)
     config = TrainConfig.model_validate(state["config"])
     model = build_model(config)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(eval_weights(state))
     return model, config, state

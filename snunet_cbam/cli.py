@@ -51,9 +51,12 @@ def _check(args: argparse.Namespace) -> int:
     from .data.check import check_pairs
     from .data.layouts import list_split
 
-    config = load_config(args.config, args.set)
+    # --label-threshold is a shorthand for --set label_threshold=N, validated like the config.
+    threshold = [] if args.label_threshold is None else [f"label_threshold={args.label_threshold}"]
+    config = load_config(args.config, [*args.set, *threshold])
     splits = args.split or [s for s in (config.train_split, config.val_split, config.test_split) if s]
-    reports = [check_pairs(list_split(args.data, split), split) for split in splits]
+    reports = [check_pairs(list_split(args.data, split), split, label_threshold=config.label_threshold)
+               for split in splits]
     for report in reports:
         print(report.describe())
     return 0 if all(r.ok for r in reports) else 1
@@ -97,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--config")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--split", action="append", help="split(s) to check (default: those the config uses)")
+    check.add_argument("--label-threshold", type=int, metavar="N",
+                       help="label pixels >= N are change (default: the config's label_threshold, 128; "
+                            "1 for 0/1 masks)")
     check.set_defaults(handler=_check)
 
     make = subparsers.add_parser("make-dataset", help="write a synthetic change dataset (tiled layout)")

@@ -36,13 +36,18 @@ class RunStartInfo:
 
 @dataclass(frozen=True)
 class StepInfo:
+    """The last ``steps`` training steps, ending at ``global_step``: reported every
+    ``log_every_steps`` steps (and at the end of an epoch), not every step, so that reading the
+    loss from the device does not stall it."""
+
     epoch: int
     step_in_epoch: int  # 1-based
     steps_per_epoch: int
     global_step: int  # 1-based, over the whole run
-    loss: float
-    lr: float
-    metrics: dict[str, float]  # of this batch
+    loss: float  # mean over those steps
+    lr: float  # of the last one
+    metrics: dict[str, float]  # from the confusion counts summed over those steps
+    steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     metrics_path: Path
+    threshold: float | None = None  # decision threshold stored in the best checkpoint
+    val_at_threshold: dict[str, float] | None = None  # validation metrics at that threshold
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -27,7 +27,7 @@ class ProgressBars(TrainerHooks):
         if self.bar is None:
             self.bar = tqdm(total=info.steps_per_epoch, desc=f"epoch {info.epoch}", unit="step",
                             file=self.stream, leave=False, disable=self.disable, dynamic_ncols=True)
-        self.bar.update(1)
+        self.bar.update(info.steps)
         self.bar.set_postfix(loss=f"{info.loss:.4f}", f1=f"{info.metrics['f1']:.3f}", lr=f"{info.lr:.2e}")
 
     def on_epoch_end(self, info: EpochInfo) -> None:

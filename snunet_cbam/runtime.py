@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -80,6 +81,25 @@ def use_channels_last(setting: str | bool, device: torch.device, precision: Prec
     if setting == "auto":
         return device.type == "cuda" or precision.dtype is not None
     return bool(setting)
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def usable_cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(setting: int | str) -> int:
+    """DataLoader workers: an int as is; ``auto`` = usable cores - 1 (one left for the training
+    loop), between 0 and 8. More workers than cores only adds contention: 4 workers on 2 cores
+    warn and slow down."""
+    if setting == "auto":
+        return max(0, min(MAX_AUTO_WORKERS, usable_cpu_count() - 1))
+    return int(setting)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,23 +1,47 @@
-"""Scoring a model on whole images of a split."""
+"""Scoring a model on whole images of a split: change-class metrics from summed counts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .inference import sliding_window_logits
+from schemas.training import TrainConfig
+
+from .inference import Blend, TTA, predict_logits
 from .metrics import ConfusionAccumulator, confusion_counts
 from .runtime import Precision
+from .thresholds import ProbabilityHistogram
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How images are predicted and scored: the evaluation keys of a TrainConfig."""
+
+    window: int | None
+    overlap: int
+    blend: Blend
+    tta: TTA
+    threshold: float
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, *, tta: bool = False, threshold: float | None = None) -> "EvalSettings":
+        """``tta=False`` leaves flips out (per-epoch validation); the final passes take the config's."""
+        return cls(window=config.window_size, overlap=config.window_overlap, blend=config.window_blend,
+                   tta=config.tta if tta else "none",
+                   threshold=config.threshold if threshold is None else threshold)
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, *, window: int, overlap: int,
-                   threshold: float, precision: Precision, loss_fn: nn.Module | None = None,
-                   channels_last: bool = False, on_image: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Metrics of the change class from counts summed over the split, plus the mean loss."""
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, settings: EvalSettings, *,
+                   precision: Precision, loss_fn: nn.Module | None = None, channels_last: bool = False,
+                   histogram: ProbabilityHistogram | None = None,
+                   on_image: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Metrics of the change class from counts summed over the split, plus the mean loss; the
+    per-pixel probabilities go into ``histogram`` too when one is given (threshold tuning)."""
     was_training = model.training
     model.eval()
     confusion = ConfusionAccumulator(device)
@@ -30,8 +54,11 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, *
             b = batch["b"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             label = batch["label"].to(device, non_blocking=True)
             with precision.autocast(device):
-                logits = sliding_window_logits(model, a, b, window, overlap)
-            confusion.update(confusion_counts(logits, label, threshold))
+                logits = predict_logits(model, a, b, window=settings.window, overlap=settings.overlap,
+                                        blend=settings.blend, tta=settings.tta)
+            confusion.update(confusion_counts(logits, label, settings.threshold))
+            if histogram is not None:
+                histogram.update(logits, label)
             if loss_fn is not None:
                 loss_sum += loss_fn(logits, label) * a.shape[0]
             images += a.shape[0]

@@ -2,15 +2,16 @@
 
 Everything a run depends on comes in through the constructor (a validated ``TrainConfig``, the data
 directory, the output directory, hooks and a cancel token), so the CLI and the service drive the
-same code.
+same code. ``fit`` reads as the run: set up, restore, epochs, finish (threshold, test).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from schemas.training import TrainConfig
 
-from .checkpoint import build_model, load_checkpoint, save_checkpoint
+from .checkpoint import build_model, eval_weights, load_checkpoint, save_checkpoint
 from .data.augment import AugmentParams, PairedAugmentation
 from .data.check import DatasetReport, InvalidDatasetError, check_pairs
 from .data.dataset import (
@@ -31,7 +32,7 @@ from .data.dataset import (
     steps_per_epoch,
 )
 from .data.layouts import DatasetLayoutError, has_split, list_split
-from .scoring import evaluate_model
+from .ema import WeightEma
 from .hooks import (
     CancelToken,
     CheckpointInfo,
@@ -44,19 +45,22 @@ from .hooks import (
     TrainResult,
 )
 from .losses import HybridLoss
-from .metrics import METRIC_NAMES, ChangeMetrics, ConfusionAccumulator, confusion_counts
+from .metrics import METRIC_NAMES, ChangeMetrics, confusion_counts
 from .model import count_parameters
 from .runtime import (
     Precision,
     capture_rng_state,
+    resolve_num_workers,
     restore_rng_state,
     seed_everything,
     select_device,
     should_compile,
     use_channels_last,
 )
-from .schedules import build_scheduler
+from .schedules import ScheduleAnchor, build_scheduler
+from .scoring import EvalSettings, evaluate_model
 from .step import TrainStep
+from .thresholds import ProbabilityHistogram
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,8 @@ def check_dataset(config: TrainConfig, data_root: Path | str) -> CheckedSplits:
     roles = {"train": config.train_split, "val": config.val_split}
     if config.test_split and has_split(data_root, config.test_split):
         roles["test"] = config.test_split
-    reports = {role: check_pairs(list_split(data_root, split), split) for role, split in roles.items()}
+    reports = {role: check_pairs(list_split(data_root, split), split, label_threshold=config.label_threshold)
+               for role, split in roles.items()}
     bad = [r for r in reports.values() if not r.ok]
     if bad and not config.skip_invalid:
         raise InvalidDatasetError(bad)
@@ -111,6 +116,66 @@ def _should_cache(config: TrainConfig, report: DatasetReport) -> bool:
     return True
 
 
+@dataclass
+class _Progress:
+    """What a checkpoint carries from one epoch to the next (and from a run to its resumption)."""
+
+    epoch: int = 0  # last completed epoch
+    global_step: int = 0
+    best: dict[str, float] = field(default_factory=lambda: {"epoch": 0, "f1": -1.0})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epochs_without_improvement: int = 0
+
+
+@dataclass
+class _Run:
+    """The objects one run trains with."""
+
+    splits: CheckedSplits
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+    train_loader: DataLoader
+    sampler: EpochShuffleSampler
+    eval_loaders: dict[str, DataLoader]
+    epoch_steps: int
+    total_steps: int
+    model: torch.nn.Module
+    loss_fn: HybridLoss
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep
+    ema: WeightEma | None
+    scheduler: Any = None
+    anchor: ScheduleAnchor | None = None
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated, checkpointed as best and exported."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+class _StepWindow:
+    """Step loss and confusion counts summed on the device, read once every ``log_every_steps``:
+    a ``float(loss)`` per step would wait for the GPU at every step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.counts = torch.zeros(4, dtype=torch.int64, device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, counts: torch.Tensor) -> None:
+        self.loss += loss
+        self.counts += counts
+        self.steps += 1
+
+    def read(self) -> tuple[float, ChangeMetrics, int]:
+        loss, metrics, steps = float(self.loss) / self.steps, ChangeMetrics.from_counts(self.counts), self.steps
+        self.loss.zero_()
+        self.counts.zero_()
+        self.steps = 0
+        return loss, metrics, steps
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, data_root: Path | str, out_dir: Path | str,
                  hooks: list[TrainerHooks] | None = None, cancel: CancelToken | None = None) -> None:
@@ -119,8 +184,70 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.hooks = HookList(hooks)
         self.cancel = cancel
+        self.best_path = self.out_dir / BEST_CHECKPOINT
+        self.last_path = self.out_dir / LAST_CHECKPOINT
+        self.metrics_path = self.out_dir / METRICS_FILE
+
+    # --- the run --------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        started = time.monotonic()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        run = self._set_up()
+        progress = self._restore(run) if resume else self._start_fresh(run)
+        self.hooks.on_run_start(RunStartInfo(
+            config=self.config.model_dump(), device=str(run.device), precision=run.precision.name,
+            compiled=run.train_step.compiled, parameters=count_parameters(run.model),
+            train_pairs=len(run.splits.valid("train")), val_pairs=len(run.splits.valid("val")),
+            steps_per_epoch=run.epoch_steps, total_steps=run.total_steps, start_epoch=progress.epoch + 1,
+            out_dir=self.out_dir,
+        ))
+
+        status: RunStatus = "completed"
+        for epoch in range(progress.epoch + 1, self.config.epochs + 1):
+            epoch_started = time.monotonic()
+            train_metrics = self._train_epoch(run, progress, epoch, started)
+            if not isinstance(train_metrics, dict):
+                status = train_metrics  # stopped mid-epoch: the epoch does not count, resuming repeats it
+                break
+            val_metrics = self._evaluate(run, "val", EvalSettings.from_config(self.config))
+            if self._end_epoch(run, progress, epoch, train_metrics, val_metrics, time.monotonic() - epoch_started):
+                status = "early_stopped"
+                break
+
+        threshold, test_metrics = None, None
+        if status in ("completed", "early_stopped") and self.best_path.exists():
+            threshold, test_metrics = self._finish(run)
+        self._write_metrics(progress, threshold, test_metrics)
+        result = TrainResult(
+            status=status, epochs_run=progress.epoch, best=progress.best if progress.best["epoch"] else {},
+            history=progress.history, test=test_metrics, best_checkpoint=self.best_path,
+            last_checkpoint=self.last_path, metrics_path=self.metrics_path,
+            threshold=threshold["threshold"] if threshold else None, val_at_threshold=threshold,
+        )
+        self.hooks.on_run_end(result)
+        return result
 
     # --- set-up ---------------------------------------------------------------------------------
+    def _set_up(self) -> _Run:
+        cfg = self.config
+        splits = check_dataset(cfg, self.data_root)
+        device = select_device(cfg.device)
+        precision = Precision.choose(device, cfg.amp)
+        seed_everything(cfg.seed)
+        train_loader, sampler, eval_loaders, epoch_steps = self._loaders(splits, device)
+
+        model = build_model(cfg).to(device)
+        loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
+        optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+        channels_last = use_channels_last(cfg.channels_last, device, precision)
+        train_step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last,
+                               compile=should_compile(cfg.compile, device))
+        ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        return _Run(splits=splits, device=device, precision=precision, channels_last=channels_last,
+                    train_loader=train_loader, sampler=sampler, eval_loaders=eval_loaders, epoch_steps=epoch_steps,
+                    total_steps=epoch_steps * cfg.epochs, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                    train_step=train_step, ema=ema)
+
     def _loaders(self, splits: CheckedSplits, device: torch.device) -> tuple[DataLoader, EpochShuffleSampler, dict[str, DataLoader], int]:
         cfg = self.config
         train_report = splits.reports["train"]
@@ -129,160 +256,172 @@ class Trainer:
             crops = auto_crops_per_image(list(train_report.sizes.values()), cfg.crop_size)
         # AugmentParams' fields are named as the config keys they come from.
         augmentation = PairedAugmentation(AugmentParams(**{f.name: getattr(cfg, f.name) for f in fields(AugmentParams)}))
-        train_set = TrainPairDataset(PairLoader(train_report.valid, cache=_should_cache(cfg, train_report)),
-                                     augmentation, cfg.normalize, crops, cfg.seed)
+        pairs = PairLoader(train_report.valid, cache=_should_cache(cfg, train_report), label_threshold=cfg.label_threshold)
+        train_set = TrainPairDataset(pairs, augmentation, cfg.normalize, crops, cfg.seed)
         sampler = EpochShuffleSampler(len(train_set), cfg.seed)
-        workers = cfg.num_workers
+        workers = resolve_num_workers(cfg.num_workers)
         train_loader = DataLoader(
             train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
             drop_last=len(train_set) >= cfg.batch_size, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
         )
+        # Validation runs every epoch: decode its images once, like the training images.
         eval_loaders = {
-            role: DataLoader(EvalPairDataset(PairLoader(report.valid), cfg.normalize), batch_size=1,
-                             num_workers=min(workers, 2), pin_memory=device.type == "cuda")
+            role: DataLoader(EvalPairDataset(PairLoader(report.valid, cache=role == "val" and _should_cache(cfg, report),
+                                                        label_threshold=cfg.label_threshold), cfg.normalize),
+                             batch_size=1, num_workers=min(workers, 2), pin_memory=device.type == "cuda")
             for role, report in splits.reports.items() if role != "train"
         }
         return train_loader, sampler, eval_loaders, steps_per_epoch(len(train_set), cfg.batch_size)
 
-    # --- the run --------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
+    def _build_scheduler(self, run: _Run) -> None:
         cfg = self.config
-        started = time.monotonic()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        best_path, last_path = self.out_dir / BEST_CHECKPOINT, self.out_dir / LAST_CHECKPOINT
-        metrics_path = self.out_dir / METRICS_FILE
-
-        splits = check_dataset(cfg, self.data_root)
-        device = select_device(cfg.device)
-        precision = Precision.choose(device, cfg.amp)
-        seed_everything(cfg.seed)
-        train_loader, sampler, eval_loaders, epoch_steps = self._loaders(splits, device)
-        total_steps = epoch_steps * cfg.epochs
-
-        model = build_model(cfg).to(device)
-        loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
-        optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-        channels_last = use_channels_last(cfg.channels_last, device, precision)
-        train_step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last,
-                               compile=should_compile(cfg.compile, device))
-        scheduler = build_scheduler(
-            optimizer, kind=cfg.scheduler, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio,
-            base_lr=cfg.lr, min_lr=cfg.min_lr, poly_power=cfg.poly_power, steps_per_epoch=epoch_steps,
-            step_size_epochs=cfg.step_size_epochs, step_gamma=cfg.step_gamma,
+        run.scheduler = build_scheduler(
+            run.optimizer, kind=cfg.scheduler, total_steps=run.total_steps, warmup_ratio=cfg.warmup_ratio,
+            base_lr=cfg.lr, min_lr=cfg.min_lr, poly_power=cfg.poly_power, steps_per_epoch=run.epoch_steps,
+            step_size_epochs=cfg.step_size_epochs, step_gamma=cfg.step_gamma, anchor=run.anchor,
         )
 
-        start_epoch, global_step, history = 1, 0, []
-        best: dict[str, float] = {"epoch": 0, "f1": -1.0}
-        epochs_without_improvement = 0
-        if resume:
-            if not last_path.exists():
-                raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
-            # On the CPU: RNG states must stay CPU tensors; model and optimizer copy to the device.
-            state = load_checkpoint(last_path, map_location="cpu")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            train_step.scaler.load_state_dict(state["scaler"])
-            restore_rng_state(state["rng"])
-            start_epoch = state["epoch"] + 1
-            global_step, history, best = state["global_step"], state["history"], state["best"]
-            epochs_without_improvement = state["epochs_without_improvement"]
+    def _start_fresh(self, run: _Run) -> _Progress:
+        self._build_scheduler(run)
+        return _Progress()
 
-        self.hooks.on_run_start(RunStartInfo(
-            config=cfg.model_dump(), device=str(device), precision=precision.name, compiled=train_step.compiled,
-            parameters=count_parameters(model), train_pairs=len(splits.valid("train")),
-            val_pairs=len(splits.valid("val")), steps_per_epoch=epoch_steps, total_steps=total_steps,
-            start_epoch=start_epoch, out_dir=self.out_dir,
-        ))
+    def _restore(self, run: _Run) -> _Progress:
+        if not self.last_path.exists():
+            raise FileNotFoundError(f"cannot resume: {self.last_path} does not exist")
+        # On the CPU: RNG states must stay CPU tensors; model and optimizer copy to the device.
+        state = load_checkpoint(self.last_path, map_location="cpu")
+        schedule = state.get("schedule", {})
+        anchor = schedule.get("anchor")
+        run.anchor = ScheduleAnchor(**anchor) if anchor else None
+        if schedule.get("total_steps", run.total_steps) != run.total_steps:
+            # A new length (epochs raised or lowered): decay on from where the run is, no jump.
+            reached = state["optimizer"]["param_groups"][0]["lr"]
+            run.anchor = ScheduleAnchor(step=state["global_step"], factor=reached / self.config.lr)
+        # The scheduler first: building it sets the optimiser's lr, which the saved state then restores.
+        self._build_scheduler(run)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.train_step.scaler.load_state_dict(state["scaler"])
+        if run.ema is not None:
+            if "ema" in state:
+                run.ema.load_state_dict(state["ema"])
+            else:  # EMA switched on for the resumed part: start it from the current weights
+                run.ema.model.load_state_dict(state["model"])
+        restore_rng_state(state["rng"])
+        return _Progress(epoch=state["epoch"], global_step=state["global_step"], best=state["best"],
+                         history=state["history"], epochs_without_improvement=state["epochs_without_improvement"])
 
-        def evaluate(role: str) -> dict[str, float]:
-            return evaluate_model(model, eval_loaders[role], device, window=cfg.window_size,
-                                  overlap=cfg.window_overlap, threshold=cfg.threshold, precision=precision,
-                                  loss_fn=loss_fn, channels_last=channels_last)
+    # --- one epoch ------------------------------------------------------------------------------
+    def _train_epoch(self, run: _Run, progress: _Progress, epoch: int, started: float) -> dict[str, float] | RunStatus:
+        """Train one epoch; its metrics, or why it stopped before the end."""
+        cfg = self.config
+        run.sampler.set_epoch(epoch)
+        run.model.train()
+        epoch_counts = torch.zeros(4, dtype=torch.int64, device=run.device)
+        epoch_loss = torch.zeros((), device=run.device)
+        seen = 0
+        window = _StepWindow(run.device)
+        last_step = len(run.train_loader)
+        for step, batch in enumerate(run.train_loader, start=1):
+            stop = self._stop_reason(started)
+            if stop:
+                return stop
+            a, b, label = run.train_step.inputs(batch)
+            loss, logits = run.train_step(a, b, label)
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.scheduler.step()
+            if run.ema is not None:
+                run.ema.update(run.model)
+            progress.global_step += 1
 
-        def checkpoint_state(epoch: int) -> dict[str, Any]:
-            return {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": train_step.scaler.state_dict(), "epoch": epoch,
-                "global_step": global_step, "best": best, "history": history,
-                "epochs_without_improvement": epochs_without_improvement, "config": cfg.model_dump(),
-                "rng": capture_rng_state(),
-            }
-
-        status: RunStatus = "completed"
-        epoch = start_epoch - 1
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            epoch_started = time.monotonic()
-            sampler.set_epoch(epoch)
-            model.train()
-            confusion = ConfusionAccumulator(device)
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            for step, batch in enumerate(train_loader, start=1):
-                stop = self._stop_reason(started)
-                if stop:
-                    status = stop
-                    break
-                a, b, label = train_step.inputs(batch)
-                loss, logits = train_step(a, b, label)
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                global_step += 1
-
-                counts = confusion_counts(logits, label, cfg.threshold)
-                confusion.update(counts)
-                loss_sum += loss * a.shape[0]
-                seen += a.shape[0]
+            counts = confusion_counts(logits, label, cfg.threshold)
+            epoch_counts += counts
+            epoch_loss += loss * a.shape[0]
+            seen += a.shape[0]
+            window.add(loss, counts)
+            if step % cfg.log_every_steps == 0 or step == last_step:
+                mean_loss, metrics, steps = window.read()
                 self.hooks.on_step_end(StepInfo(
-                    epoch=epoch, step_in_epoch=step, steps_per_epoch=epoch_steps, global_step=global_step,
-                    loss=float(loss), lr=lr, metrics=ChangeMetrics.from_counts(counts).as_dict(),
+                    epoch=epoch, step_in_epoch=step, steps_per_epoch=run.epoch_steps,
+                    global_step=progress.global_step, loss=mean_loss, lr=lr, metrics=metrics.as_dict(), steps=steps,
                 ))
-            if status != "completed":
-                epoch -= 1  # the interrupted epoch does not count; resuming repeats it
-                break
+        return {"loss": float(epoch_loss) / max(seen, 1), **ChangeMetrics.from_counts(epoch_counts).as_dict()}
 
-            train_metrics = {"loss": float(loss_sum) / max(seen, 1), **confusion.compute().as_dict()}
-            val_metrics = evaluate("val")
-            is_best = val_metrics["f1"] > best["f1"]
-            if val_metrics["f1"] > best["f1"] + cfg.min_delta:
-                epochs_without_improvement = 0
-            else:
-                epochs_without_improvement += 1
-            if is_best:
-                best = {"epoch": epoch, **{k: val_metrics[k] for k in METRIC_NAMES}}
-            history.append({
-                "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - epoch_started,
-                "train": train_metrics, "val": val_metrics,
-            })
-            state = checkpoint_state(epoch)
-            if is_best:
-                save_checkpoint(best_path, state)
-                self.hooks.on_checkpoint_saved(CheckpointInfo("best", best_path, epoch))
-            save_checkpoint(last_path, state)
-            self.hooks.on_checkpoint_saved(CheckpointInfo("last", last_path, epoch))
-            self._write_metrics(metrics_path, best, history, None)
-            self.hooks.on_epoch_end(EpochInfo(
-                epoch=epoch, epochs=cfg.epochs, lr=history[-1]["lr"], train=train_metrics, val=val_metrics,
-                is_best=is_best, best_epoch=int(best["epoch"]), best_f1=best["f1"],
-                seconds=history[-1]["seconds"],
-            ))
-            if cfg.patience is not None and epochs_without_improvement >= cfg.patience:
-                status = "early_stopped"
-                break
+    def _evaluate(self, run: _Run, role: str, settings: EvalSettings,
+                  histogram: ProbabilityHistogram | None = None) -> dict[str, float]:
+        return evaluate_model(run.eval_model, run.eval_loaders[role], run.device, settings, precision=run.precision,
+                              loss_fn=run.loss_fn, channels_last=run.channels_last, histogram=histogram)
+
+    def _end_epoch(self, run: _Run, progress: _Progress, epoch: int, train_metrics: dict[str, float],
+                   val_metrics: dict[str, float], seconds: float) -> bool:
+        """Record the epoch, checkpoint it, tell the hooks; True when early stopping ends the run."""
+        cfg = self.config
+        is_best = val_metrics["f1"] > progress.best["f1"]
+        if val_metrics["f1"] > progress.best["f1"] + cfg.min_delta:
+            progress.epochs_without_improvement = 0
+        else:
+            progress.epochs_without_improvement += 1
+        if is_best:
+            progress.best = {"epoch": epoch, **{k: val_metrics[k] for k in METRIC_NAMES}}
+        progress.epoch = epoch
+        progress.history.append({
+            "epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
+            "train": train_metrics, "val": val_metrics,
+        })
+        state = self._checkpoint_state(run, progress)
+        if is_best:
+            save_checkpoint(self.best_path, state)
+            self.hooks.on_checkpoint_saved(CheckpointInfo("best", self.best_path, epoch))
+        save_checkpoint(self.last_path, state)
+        self.hooks.on_checkpoint_saved(CheckpointInfo("last", self.last_path, epoch))
+        self._write_metrics(progress, None, None)
+        self.hooks.on_epoch_end(EpochInfo(
+            epoch=epoch, epochs=cfg.epochs, lr=progress.history[-1]["lr"], train=train_metrics, val=val_metrics,
+            is_best=is_best, best_epoch=int(progress.best["epoch"]), best_f1=progress.best["f1"], seconds=seconds,
+        ))
+        # Never before the learning rate has had time to decay: an early plateau is not the end.
+        may_stop = epoch >= math.ceil(cfg.min_epochs_fraction * cfg.epochs)
+        return cfg.patience is not None and may_stop and progress.epochs_without_improvement >= cfg.patience
+
+    def _checkpoint_state(self, run: _Run, progress: _Progress) -> dict[str, Any]:
+        state = {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.train_step.scaler.state_dict(),
+            "schedule": {"total_steps": run.total_steps, "anchor": run.anchor.as_dict() if run.anchor else None},
+            "epoch": progress.epoch, "global_step": progress.global_step, "best": progress.best,
+            "history": progress.history, "epochs_without_improvement": progress.epochs_without_improvement,
+            "config": self.config.model_dump(), "rng": capture_rng_state(),
+        }
+        if run.ema is not None:
+            state["ema"] = run.ema.state_dict()
+        return state
+
+    # --- the end of a run -----------------------------------------------------------------------
+    def _finish(self, run: _Run) -> tuple[dict[str, float], dict[str, float] | None]:
+        """Tune the decision threshold on validation with the best weights, store it in the best
+        checkpoint, and score the test split with it."""
+        cfg = self.config
+        best_state = load_checkpoint(self.best_path, map_location="cpu")
+        run.eval_model.load_state_dict(eval_weights(best_state))
+        if cfg.tune_threshold:
+            histogram = ProbabilityHistogram(run.device)
+            self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), histogram)
+            threshold = histogram.best().as_dict()
+        else:
+            val = self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True))
+            threshold = {"threshold": cfg.threshold, **{k: val[k] for k in METRIC_NAMES}}
+        best_state["threshold"] = threshold["threshold"]
+        save_checkpoint(self.best_path, best_state)
+        log.info("decision threshold %.3f: validation F1 %.4f", threshold["threshold"], threshold["f1"])
 
         test_metrics = None
-        if "test" in eval_loaders and best_path.exists() and status in ("completed", "early_stopped"):
-            self.hooks.on_test_start(len(splits.valid("test")))
-            model.load_state_dict(load_checkpoint(best_path, map_location=device)["model"])
-            test_metrics = evaluate("test")
-        self._write_metrics(metrics_path, best, history, test_metrics)
-        result = TrainResult(
-            status=status, epochs_run=epoch, best=best if best["epoch"] else {}, history=history,
-            test=test_metrics, best_checkpoint=best_path, last_checkpoint=last_path, metrics_path=metrics_path,
-        )
-        self.hooks.on_run_end(result)
-        return result
+        if "test" in run.eval_loaders:
+            self.hooks.on_test_start(len(run.splits.valid("test")))
+            test_metrics = self._evaluate(run, "test",
+                                          EvalSettings.from_config(cfg, tta=True, threshold=threshold["threshold"]))
+        return threshold, test_metrics
 
     def _stop_reason(self, started: float) -> RunStatus | None:
         if self.cancel is not None and self.cancel.is_set():
@@ -292,11 +431,13 @@ class Trainer:
             return "time_limit"
         return None
 
-    @staticmethod
-    def _write_metrics(path: Path, best: dict, history: list, test: dict | None) -> None:
-        document: dict[str, Any] = {"best": best if best["epoch"] else None, "history": history}
+    def _write_metrics(self, progress: _Progress, threshold: dict | None, test: dict | None) -> None:
+        document: dict[str, Any] = {"best": progress.best if progress.best["epoch"] else None,
+                                    "history": progress.history}
+        if threshold is not None:
+            document["threshold"] = threshold
         if test is not None:
             document["test"] = test
-        tmp = path.with_suffix(".tmp")
+        tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(document, indent=2))
-        tmp.replace(path)
+        tmp.replace(self.metrics_path)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .augment import PairedAugmentation, sample_seeds
-from .imageio import read_mask, read_rgb
+from .imageio import DEFAULT_LABEL_THRESHOLD, read_mask, read_rgb
 from .layouts import PairPaths
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
@@ -32,19 +32,21 @@ class PairLoader:
 
     Training draws many crops from each original (16 per 1024² LEVIR-CD image), so decoding once
     in the parent process, before the DataLoader forks its workers, saves most of the input cost.
+    Label pixels >= ``label_threshold`` are change (:func:`imageio.read_mask`).
     """
 
-    def __init__(self, pairs: list[PairPaths], cache: bool = False, threads: int = 4) -> None:
+    def __init__(self, pairs: list[PairPaths], cache: bool = False, threads: int = 4, *,
+                 label_threshold: int = DEFAULT_LABEL_THRESHOLD) -> None:
         self.pairs = pairs
+        self.label_threshold = label_threshold
         self._cache: list[Sample] | None = None
         if cache:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 self._cache = list(pool.map(self._decode, pairs))
 
-    @staticmethod
-    def _decode(pair: PairPaths) -> Sample:
+    def _decode(self, pair: PairPaths) -> Sample:
         assert pair.label is not None
-        return read_rgb(pair.image_a), read_rgb(pair.image_b), read_mask(pair.label)
+        return read_rgb(pair.image_a), read_rgb(pair.image_b), read_mask(pair.label, self.label_threshold)
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -30,3 +30,19 @@ def tiny_config(**overrides) -> TrainConfig:
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_run(levir_samples, tmp_path_factory):
+    """A tiny model fitted to seven real tiles in about a minute of CPU: (output dir, TrainResult).
+
+    No augmentation and a constant, higher learning rate: the point is a model that has learned
+    something, quickly, for the tests that need one, not the recipe.
+    """
+    from snunet_cbam.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("trained")
+    config = tiny_config(base_channel=8, crop_size=128, crops_per_image=4, epochs=12, lr=0.005, warmup_ratio=0,
+                         scheduler="constant", weight_decay=0, rotate_prob=0, color_jitter_prob=0, blur_prob=0,
+                         swap_prob=0, window_size=None, window_overlap=0)
+    return out, Trainer(config, levir_samples, out).fit()

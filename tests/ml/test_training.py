@@ -41,29 +41,34 @@ class Recorder(TrainerHooks):
         self.events.append(("end", result.status))
 
 
-def test_training_on_real_tiles_beats_chance_and_evaluate_agrees(levir_samples, tmp_path):
-    # No augmentation and a constant, higher learning rate: the point is to fit 7 real tiles in
-    # a minute of CPU, not the recipe.
-    config = tiny_config(base_channel=8, crop_size=128, crops_per_image=4, epochs=12, lr=0.005, warmup_ratio=0,
-                         scheduler="constant", weight_decay=0, rotate_prob=0, color_jitter_prob=0, blur_prob=0,
-                         window_size=256, window_overlap=0)
-    result = Trainer(config, levir_samples, tmp_path).fit()
-
+def test_training_on_real_tiles_beats_chance_and_evaluate_agrees(trained_run, levir_samples):
+    out, result = trained_run
     change = torch.tensor([read_mask(p.label).mean() for p in list_split(levir_samples, "demo")]).mean().item()
     all_change_f1 = 2 * change / (1 + change)  # the F1 of calling every pixel change
     assert result.status == "completed"
     assert result.best["f1"] > max(0.5, all_change_f1 + 0.15), result.best
 
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best"]["f1"] == pytest.approx(result.best["f1"])
     assert set(metrics["best"]) >= {"epoch", "f1", "iou", "precision", "recall"}
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 13))
     assert {"loss", "f1", "iou", "precision", "recall"} <= set(metrics["history"][0]["train"])
 
-    evaluated = evaluate_checkpoint(tmp_path / "best.pt", levir_samples, split="demo", device="cpu")
+    # evaluate scores the best checkpoint at its tuned threshold, exactly as the run's end did.
+    evaluated = evaluate_checkpoint(out / "best.pt", levir_samples, split="demo", device="cpu")
     assert evaluated["epoch"] == metrics["best"]["epoch"]
+    assert evaluated["threshold"] == metrics["threshold"]["threshold"] == result.threshold
     for key in ("f1", "iou", "precision", "recall"):
-        assert evaluated[key] == pytest.approx(metrics["best"][key], abs=1e-9)
+        assert evaluated[key] == pytest.approx(metrics["threshold"][key], abs=1e-3)
+
+
+def test_the_tuned_threshold_is_stored_and_never_worse_than_the_default(trained_run):
+    out, result = trained_run
+    state = torch.load(out / "best.pt", weights_only=False)
+    assert state["threshold"] == result.threshold
+    assert 0.02 <= result.threshold <= 0.98
+    # Chosen on the same validation data: at least as good as 0.5 there (up to the bin width).
+    assert result.val_at_threshold["f1"] >= result.best["f1"] - 2e-3
 
 
 def test_interrupted_run_resumed_ends_where_an_uninterrupted_one_does(levir_samples, tmp_path):
@@ -90,7 +95,7 @@ def test_interrupted_run_resumed_ends_where_an_uninterrupted_one_does(levir_samp
 def test_hooks_see_the_run_in_order_and_cancellation_is_checked_every_step(levir_samples, tmp_path):
     cancel = threading.Event()
     recorder = Recorder()
-    config = tiny_config(epochs=2)
+    config = tiny_config(epochs=2, log_every_steps=1)
     result = Trainer(config, levir_samples, tmp_path, hooks=[recorder], cancel=cancel).fit()
     kinds = [e[0] for e in recorder.events]
     assert kinds[0] == "start" and kinds[-1] == "end"
@@ -122,7 +127,73 @@ def test_time_limit_stops_cleanly(levir_samples, tmp_path):
 
 def test_early_stopping_on_validation_f1(levir_samples, tmp_path):
     # lr tiny enough that validation F1 cannot improve after the first epoch.
-    config = tiny_config(epochs=10, patience=2, min_delta=0.5, lr=1e-9, warmup_ratio=0, scheduler="constant")
+    config = tiny_config(epochs=10, patience=2, min_delta=0.5, lr=1e-9, warmup_ratio=0, scheduler="constant",
+                         min_epochs_fraction=0)
     result = Trainer(config, levir_samples, tmp_path).fit()
     assert result.status == "early_stopped"
     assert result.epochs_run == 3  # best at 1, then 2 epochs without a gain above min_delta
+
+
+def test_early_stopping_waits_for_the_minimum_fraction_of_the_schedule(levir_samples, tmp_path):
+    config = tiny_config(epochs=10, patience=2, min_delta=0.5, lr=1e-9, warmup_ratio=0, scheduler="constant",
+                         min_epochs_fraction=0.6)
+    result = Trainer(config, levir_samples, tmp_path).fit()
+    assert result.status == "early_stopped"
+    assert result.epochs_run == 6  # patience ran out at 3, but not before 60% of 10 epochs
+
+
+class StepLog(TrainerHooks):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, info):
+        self.steps.append(info)
+
+
+def test_a_resumed_run_with_more_epochs_continues_its_learning_rate_without_a_jump(levir_samples, tmp_path):
+    first = StepLog()
+    Trainer(tiny_config(epochs=2, log_every_steps=1, warmup_ratio=0.2), levir_samples, tmp_path,
+            hooks=[first]).fit()
+    second = StepLog()
+    longer = tiny_config(epochs=5, log_every_steps=1, warmup_ratio=0.2)
+    result = Trainer(longer, levir_samples, tmp_path, hooks=[second]).fit(resume=True)
+    assert result.status == "completed" and result.epochs_run == 5
+    before, after = [s.lr for s in first.steps], [s.lr for s in second.steps]
+    step_down = before[-2] - before[-1]
+    assert after[0] <= before[-1]  # no jump up where the run resumed
+    assert before[-1] - after[0] <= 1.01 * step_down  # nor a cliff: one ordinary step of decay
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert after[-1] < 0.1 * before[-1]  # decayed to the floor by the new end
+
+
+def test_step_metrics_are_read_from_the_device_every_n_steps(levir_samples, tmp_path, monkeypatch):
+    config = tiny_config(epochs=1, log_every_steps=3, crops_per_image=4, batch_size=2, patience=None)
+    log = StepLog()
+    reads = []
+    original_float, original_tolist = torch.Tensor.__float__, torch.Tensor.tolist
+
+    def counting_float(self):
+        reads.append("float")
+        return original_float(self)
+
+    def counting_tolist(self):
+        reads.append("tolist")
+        return original_tolist(self)
+
+    class CountStepsRead(TrainerHooks):
+        def on_run_start(self, info):
+            reads.clear()
+
+        def on_epoch_end(self, info):
+            self.during_training = len(reads)
+
+    counter = CountStepsRead()
+    monkeypatch.setattr(torch.Tensor, "__float__", counting_float)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    Trainer(config, levir_samples, tmp_path, hooks=[log, counter]).fit()
+    steps = log.steps[-1].step_in_epoch
+    assert steps == 14  # 7 tiles x 4 crops / batch 2
+    assert [s.step_in_epoch for s in log.steps] == [3, 6, 9, 12, 14]
+    assert [s.steps for s in log.steps] == [3, 3, 3, 3, 2]
+    # A handful of reads per report and per epoch (the sampler's order, validation), not per step.
+    assert counter.during_training < 2 * steps, reads

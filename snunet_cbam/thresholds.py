@@ -1,0 +1,66 @@
+"""The decision threshold with the best F1, from one pass over the validation split.
+
+Per-pixel change probabilities are counted into fine bins, separately for change and no-change
+pixels, on the device; the F1 of every candidate threshold then follows from cumulative sums, with
+no second pass. The chosen threshold travels with the checkpoint and the exported model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .metrics import ChangeMetrics
+
+BINS = 1000
+# A tuned threshold stays inside this range: at the extremes a single bin decides, which says more
+# about the validation split than about the model.
+LOWEST, HIGHEST = 0.02, 0.98
+
+
+@dataclass(frozen=True)
+class TunedThreshold:
+    threshold: float
+    metrics: ChangeMetrics  # validation counts at that threshold
+
+    def as_dict(self) -> dict[str, float]:
+        return {"threshold": self.threshold, **self.metrics.as_dict()}
+
+
+class ProbabilityHistogram:
+    """Counts of change and no-change pixels per probability bin; ``update`` never leaves the device."""
+
+    def __init__(self, device: torch.device | str = "cpu", bins: int = BINS) -> None:
+        self.bins = bins
+        self.change = torch.zeros(bins, dtype=torch.int64, device=device)
+        self.no_change = torch.zeros(bins, dtype=torch.int64, device=device)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        index = (torch.sigmoid(logits.float()) * self.bins).long().clamp_(0, self.bins - 1).flatten()
+        truth = (target > 0.5).flatten()
+        self.change += torch.bincount(index[truth], minlength=self.bins)
+        self.no_change += torch.bincount(index[~truth], minlength=self.bins)
+
+    def counts_at(self, threshold: float) -> ChangeMetrics:
+        """Confusion counts when pixels in bins at or above ``threshold`` are called change."""
+        k = int(round(threshold * self.bins))
+        tp, fp = int(self.change[k:].sum()), int(self.no_change[k:].sum())
+        fn, tn = int(self.change[:k].sum()), int(self.no_change[:k].sum())
+        return ChangeMetrics(tp, fp, fn, tn)
+
+    def best(self) -> TunedThreshold:
+        """The threshold with the highest F1; among equals, the one nearest 0.5."""
+        # Predicted change at threshold k / bins = every bin >= k: suffix sums.
+        tp = self.change.flip(0).cumsum(0).flip(0).double()
+        fp = self.no_change.flip(0).cumsum(0).flip(0).double()
+        fn = self.change.sum() - tp
+        f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
+        candidates = torch.arange(self.bins, device=f1.device)
+        allowed = (candidates >= round(LOWEST * self.bins)) & (candidates <= round(HIGHEST * self.bins))
+        f1 = torch.where(allowed, f1, torch.full_like(f1, -1.0))
+        # Highest F1 first, then the distance from 0.5 as a tie-breaker.
+        distance = (candidates - self.bins / 2).abs().double() / self.bins
+        k = int(torch.argmax(f1 - 1e-9 * distance))
+        threshold = k / self.bins
+        return TunedThreshold(threshold, self.counts_at(threshold))
