@@ -86,7 +86,11 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
             watchdog = Watchdog(bus, views, stale_after=settings.stale_after, source=_source("watchdog"))
             tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop)))
         if "consumer" in roles:
-            tasks.append(asyncio.create_task(_run_consumer(settings, await connected_bus(), objects, stop)))
+            if "ingress" not in roles and not ingress_settings.view_store_url.startswith("mongodb"):
+                # The worker reads cancel requests from the views the ingress writes; a file of
+                # this process is not those, so only bus commands (running jobs) would reach it.
+                log.warning("CDTRAIN_MONGODB_URL is not set: this worker cannot see jobs cancelled while queued")
+            tasks.append(asyncio.create_task(_run_consumer(settings, await connected_bus(), objects, views, stop)))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
@@ -107,12 +111,13 @@ async def _connect_with_retry(bus: MessageBus, attempts: int, delay: float = 2.0
             await asyncio.sleep(delay)
 
 
-async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, stop: asyncio.Event) -> None:
+async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, views, stop: asyncio.Event) -> None:
     # The worker's imports (torch, MLflow) take seconds: only this role pays for them, in a
     # thread, so an ingress in the same process answers meanwhile.
     await asyncio.to_thread(importlib.import_module, "consumer.tracking.job_tracker")
     from mlflow import MlflowClient
 
+    from consumer.cancellation import ViewCancellations
     from consumer.roles import run_worker
     from consumer.stores import StoreResolver
     from consumer.tracking.job_tracker import MlflowJobTracker
@@ -122,7 +127,8 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, sto
         # Opening a SQLite store runs its migrations (seconds): never on the event loop, which
         # must keep answering the broker.
         tracker = MlflowJobTracker(MlflowClient(tracking_uri=settings.mlflow_tracking_uri),
-                                   settings.mlflow_experiment, artifact_location=_artifact_location(settings))
+                                   settings.mlflow_experiment, artifact_location=_artifact_location(settings),
+                                   promotion_margin=settings.promotion_margin)
         tracker.ensure_experiment()
         return tracker
 
@@ -131,6 +137,8 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, sto
         bus, StoreResolver(objects, allow_local_paths=settings.allow_local_paths), tracker,
         WorkerSettings(work_dir=settings.data_dir / "worker", source=_source("worker"),
                        heartbeat_interval=settings.heartbeat_interval, config_overrides=settings.worker_config),
+        # Read-only: cancel requests the ingress recorded (a queued job never starts).
+        cancellations=ViewCancellations(views),
     )
     await run_worker(bus, worker, stop)
 

@@ -21,10 +21,13 @@ SERVICE_ENV_VARS = {
     "CDTRAIN_DATA_DIR": "worker cache, runs and the embedded stores (default .cdtrain)",
     "MLFLOW_TRACKING_URI": "MLflow tracking server or store (default sqlite:///<data dir>/mlflow.db)",
     "CDTRAIN_MLFLOW_EXPERIMENT": "MLflow experiment of the job runs (default cdtrain)",
-    "CDTRAIN_HEARTBEAT_S": "seconds between a running job's heartbeats (default 30)",
+    "CDTRAIN_HEARTBEAT_S": "seconds between a running job's heartbeats, and between its worker's reads of the "
+                           "job view for a cancel request (default 30)",
     "CDTRAIN_STALE_AFTER_S": "silence after which the watchdog re-queues a job (default 600)",
     "CDTRAIN_WORKER_CONFIG": "YAML mapping applied over every job's config on this worker, e.g. '{num_workers: 8}'",
     "CDTRAIN_ALLOW_LOCAL_PATHS": "let jobs read file:// datasets (default: only in the embedded mode)",
+    "CDTRAIN_PROMOTION_MARGIN": "quality gate of the registry: a model reaches production only with an F1 above "
+                                "its validation split's all-change F1 plus this margin (default 0.10)",
 }
 
 
@@ -39,6 +42,9 @@ class ServiceSettings(BaseModel):
     stale_after: float = Field(600.0, gt=0)
     worker_config: dict[str, Any] = Field(default_factory=dict)
     allow_local_paths: bool = False
+    # The worker's quality gate (consumer/tracking/promotion.py): absolute F1 above the all-change
+    # F1 of the job's validation split. Negative values lower the gate below "change everywhere".
+    promotion_margin: float = Field(0.10, ge=-1, le=1)
     # Bus connection attempts (2 s apart) of the worker and projector roles before they exit.
     connect_attempts: int = Field(30, ge=1)
 
@@ -74,6 +80,7 @@ class ServiceSettings(BaseModel):
             heartbeat_interval=env.get("CDTRAIN_HEARTBEAT_S", 30.0),
             stale_after=env.get("CDTRAIN_STALE_AFTER_S", 600.0),
             worker_config=worker_config,
+            promotion_margin=env.get("CDTRAIN_PROMOTION_MARGIN", 0.10),
             allow_local_paths=(allow_local.lower() in ("1", "true", "yes", "on")) if allow_local
             else ingress.bus.in_process,
         )

@@ -1,6 +1,6 @@
 """The consumer side's process roles, each running until ``stop`` is set.
 
-- worker: train requests in (prefetch 1: one job per GPU), status events out;
+- worker: train requests and cancel commands in (prefetch 1: one job per GPU), status events out;
 - projector: status events into job views, plus the watchdog that re-queues silent jobs.
 """
 
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from infra.bus import MessageBus
 from infra.views import JobViewStore, Projector
 from schemas import StatusEvent, TrainJob
+from schemas.control import CancelCommand
+from schemas.topology import ALL_CANCELS
 
 from .watchdog import Watchdog
 
@@ -23,13 +25,16 @@ log = logging.getLogger(__name__)
 
 
 async def run_worker(bus: MessageBus, worker: "TrainingWorker", stop: asyncio.Event) -> None:
+    # Cancel commands first: listening before the first claim leaves no job without a listener.
+    control = await bus.subscribe_control(ALL_CANCELS, worker.on_cancel, model=CancelCommand)
     subscription = await bus.consume_requests(worker.handle, model=TrainJob, prefetch=1)
-    log.info("worker consuming train requests")
+    log.info("worker consuming train requests and cancel commands")
     try:
         await stop.wait()
     finally:
         await worker.stop()
         await subscription.close()
+        await control.close()
 
 
 async def run_projector(bus: MessageBus, views: JobViewStore, watchdog: Watchdog, stop: asyncio.Event,

@@ -16,14 +16,10 @@ from typing import Any
 
 from infra.bus import BusUnavailable, MessageBus
 from schemas import JobPhase, JobState, StatusEvent, TrainJob
+from schemas.events import STICKY_FIELDS
 from schemas.jobs import ATTEMPT_STRIDE
 
 log = logging.getLogger(__name__)
-
-# Fields a view keeps at their last non-null value: repeated on every event so that any event,
-# heartbeats included, carries the whole picture.
-_STICKY = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias")
-
 
 @dataclass
 class _Outgoing:
@@ -40,6 +36,8 @@ class JobStatusPublisher:
         self.retry_delays = retry_delays
         self._sequence = attempt * ATTEMPT_STRIDE
         self._lock = threading.Lock()
+        # STICKY_FIELDS are repeated on every event, so any event (heartbeats included) carries the
+        # whole picture.
         self._sticky: dict[str, Any] = {}
         self.state = JobState.STARTING
         self.phase: JobPhase | None = None
@@ -77,10 +75,14 @@ class JobStatusPublisher:
             self._remember(fields)
 
     def _remember(self, fields: dict[str, Any]) -> None:
-        self._sticky.update({k: v for k, v in fields.items() if k in _STICKY and v is not None})
+        self._sticky.update({k: v for k, v in fields.items() if k in STICKY_FIELDS and v is not None})
 
     async def heartbeat(self) -> None:
         """Re-state the current state: the watchdog reads liveness from the view's updated_at."""
+        if self.state.is_terminal:
+            # The job has ended: a beat that raced the end would re-state it without its error
+            # (error is not sticky) and with a newer sequence, erasing the reason from the view.
+            return
         await self.publish(self.state, self.phase)
 
     async def _send_all(self) -> None:

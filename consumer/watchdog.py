@@ -3,7 +3,8 @@
 A claimed job (see consumer/worker.py) is no longer held by the broker; its worker proves it is
 alive with a status event at least every heartbeat interval. A STARTING or RUNNING view that has
 not moved for ``stale_after`` seconds lost its worker (crash, node gone): the watchdog publishes
-the job again as a new attempt, or fails it after ``max_attempts``.
+the job again as a new attempt, or fails it after ``max_attempts``; a job whose cancel was
+requested (DELETE /train/{id}) is ended CANCELLED instead of being run again.
 
 ``stale_after`` should be many heartbeat intervals: a worker cut off from the broker for longer
 than that keeps training while the job is re-run elsewhere; the newer attempt's events win the
@@ -19,6 +20,7 @@ from datetime import timedelta
 from infra.bus import MessageBus
 from infra.views import JobViewStore
 from schemas import JobState, JobView, StatusEvent, TrainJob, utc_now
+from schemas.control import CANCELLED_BY_REQUEST
 from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE
 
 
@@ -54,7 +56,12 @@ class Watchdog:
                 continue  # QUEUED never projected: nothing to re-publish from
             attempt = view.last_sequence // ATTEMPT_STRIDE + 1
             sequence = attempt * ATTEMPT_STRIDE
-            if attempt >= self.max_attempts:
+            if view.cancel_requested_at is not None:
+                # A user cancelled it and then its worker went silent: end it, never run it again.
+                event = StatusEvent.for_job(view.job_id, sequence, JobState.CANCELLED, source=self.source,
+                                            phase=view.phase, error=view.cancel_reason or CANCELLED_BY_REQUEST)
+                await self.bus.publish_status(event, event.routing_key, message_id=event.id)
+            elif attempt >= self.max_attempts:
                 reason = (f"the worker running this job stopped responding {attempt} times "
                           f"(no status for {self.stale_after:.0f} s); giving up")
                 event = StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ingress.bucket_events import BucketEventHandler
+from ingress.cancel import Canceller
 from ingress.deps import DEPS, Deps
 from ingress.health import healthz, readyz
 from ingress.http import auth_middleware, error_middleware
 from ingress.routes_events import head_events, post_events
-from ingress.routes_train import get_job, list_jobs, post_train
+from ingress.routes_train import delete_job, get_job, list_jobs, post_train
 from ingress.sse import stream_job_events
 from ingress.submit import Submitter, ViewReader
 from schemas.events import event_source
@@ -44,7 +45,8 @@ def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewSt
                           write_through=settings.write_through_views)
     bucket_events = BucketEventHandler(settings.trigger, object_store, submitter,
                                        retry_after_s=settings.retry_after_s)
-    deps = Deps(settings=settings, bus=bus, views=views, submitter=submitter, bucket_events=bucket_events)
+    deps = Deps(settings=settings, bus=bus, views=views, submitter=submitter, bucket_events=bucket_events,
+                canceller=Canceller(bus, views))
 
     # error_middleware outermost: a 401 or anything raised further in still leaves as JSON.
     app = web.Application(
@@ -56,6 +58,7 @@ def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewSt
     app.router.add_post("/train", post_train)
     app.router.add_get("/train", list_jobs)
     app.router.add_get("/train/{job_id}", get_job)
+    app.router.add_delete("/train/{job_id}", delete_job)
     app.router.add_get("/train/{job_id}/events", stream_job_events)
     app.router.add_route("HEAD", "/events/s3", head_events)
     app.router.add_post("/events/s3", post_events)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ingress.bucket_events import BucketEventHandler
+from ingress.cancel import Canceller
 from ingress.submit import Submitter, ViewReader
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ class Deps:
     views: ViewReader
     submitter: Submitter
     bucket_events: BucketEventHandler
+    canceller: Canceller
     # Live SSE streams: shutdown puts None in each so they end instead of holding the server.
     streams: set[asyncio.Queue[Any]] = field(default_factory=set)
 

@@ -36,6 +36,15 @@ class IdempotencyConflict(ValueError):
         self.job_id = job_id
 
 
+class NothingToCancel(ValueError):
+    """DELETE of a job that already ended (HTTP 409); the message says how it ended, and when."""
+
+    def __init__(self, job_id: str, state: object, message: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+
+
 class Unavailable(Exception):
     """A dependency (bus, view store, object store) cannot serve now; retry later (HTTP 503).
 

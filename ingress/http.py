@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, SecretStr
 
-from ingress.errors import IdempotencyConflict, MalformedBody, RequestInvalid, Unavailable
+from ingress.errors import IdempotencyConflict, MalformedBody, NothingToCancel, RequestInvalid, Unavailable
 from ingress.models import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(400, str(exc))
     except IdempotencyConflict as exc:
         return error_response(409, str(exc), job_id=exc.job_id)
+    except NothingToCancel as exc:
+        return error_response(409, str(exc), job_id=exc.job_id, state=exc.state.name)
     except Unavailable as exc:
         log.warning("%s %s: %s", request.method, request.path, exc)
         return unavailable_response(exc)

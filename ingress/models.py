@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas.jobs import JobView
+from schemas.jobs import JobView, UtcDatetime
 
 
 class _Body(BaseModel):
@@ -25,6 +25,7 @@ class ErrorBody(_Body):
     details: list[FieldProblem] | None = None
     retry_after: int | None = None
     job_id: str | None = None
+    state: str | None = None  # on a 409 of DELETE /train/{id}: the state the job ended in
 
 
 class Accepted(_Body):
@@ -35,6 +36,18 @@ class Accepted(_Body):
     # Upper-case state name, as the submission API has always answered ("QUEUED").
     state: str
     duplicate: bool = False
+
+
+class CancelAccepted(_Body):
+    """Answer to DELETE /train/{job_id} (202): the cancel is recorded; the job stops soon."""
+
+    job_id: str
+    status_url: str
+    # Upper-case state name, as POST /train answers: the state *now* (QUEUED, STARTING, RUNNING);
+    # the job view shows CANCELLED once its worker has stopped it.
+    state: str
+    cancel_requested_at: UtcDatetime
+    message: str
 
 
 class JobList(_Body):

@@ -1,4 +1,5 @@
-"""POST /train, GET /train, GET /train/{job_id}: commands in, queries out of the job views."""
+"""POST /train, DELETE /train/{job_id}, GET /train, GET /train/{job_id}: commands in, queries out of
+the job views."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from aiohttp import web
 from ingress.deps import DEPS
 from ingress.errors import RequestInvalid
 from ingress.http import error_response, json_response
-from ingress.models import Accepted, FieldProblem, JobList
+from ingress.cancel import cancel_message
+from ingress.models import Accepted, CancelAccepted, FieldProblem, JobList
 from ingress.validation import parse_list_query, parse_train_request
 from schemas.jobs import JOB_ID_PATTERN
 
@@ -28,6 +30,19 @@ async def post_train(request: web.Request) -> web.Response:
     body = Accepted(job_id=sub.job_id, status_url=url, state=sub.state.name, duplicate=not sub.created)
     # 202 only now: the request is confirmed by the broker (Submitter raises otherwise).
     return json_response(body, status=202 if sub.created else 200, headers={"Location": url})
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    """Cancel a job: 202 once the request is recorded (ingress/cancel.py), 404, or 409 if it ended."""
+    deps = request.app[DEPS]
+    job_id = request.match_info["job_id"]
+    outcome = await deps.canceller.cancel(job_id) if _JOB_ID.match(job_id) else None
+    if outcome is None:
+        return error_response(404, f"job {job_id} not found")
+    view = outcome.view
+    body = CancelAccepted(job_id=job_id, status_url=status_url(job_id), state=view.state.name,
+                          cancel_requested_at=view.cancel_requested_at, message=cancel_message(outcome))
+    return json_response(body, status=202, headers={"Location": status_url(job_id)})
 
 
 async def get_job(request: web.Request) -> web.Response:

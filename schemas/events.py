@@ -25,6 +25,8 @@ Conventions the projector relies on:
   on every later event: a view keeps the last known value, and an event dropped as stale (it
   arrived after a newer one) then loses nothing.
 - SUCCEEDED's ``metrics`` are the job's best/final metrics; FAILED/CANCELLED carry ``error``.
+  A SUCCEEDED job that registered a model carries ``model_version``, ``model_alias`` and
+  ``model_decision``: why that version was (not) promoted to production, in words.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ def event_source(role: str, host: str) -> str:
     return f"/cdtrain/{role}/{host}"
 
 
+# Fields of a job's status that keep their last non-null value from one event to the next (the
+# projector's views, the worker's publisher and the client's live summary all follow this).
+STICKY_FIELDS = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias", "model_decision")
+
+
 class StatusData(BaseModel):
     """The payload of a status event (``data``); see the module docstring for conventions."""
 
@@ -88,6 +95,7 @@ class StatusData(BaseModel):
     mlflow_run_id: str | None = None
     model_version: str | None = None
     model_alias: str | None = None
+    model_decision: str | None = None  # the registry's promotion reason, on SUCCEEDED
     # Carried on QUEUED so the view can hold the request without another lookup.
     request: TrainRequest | None = None
     submitted_at: UtcDatetime | None = None
@@ -150,6 +158,7 @@ class StatusEvent(BaseModel):
         mlflow_run_id: str | None = None,
         model_version: str | None = None,
         model_alias: str | None = None,
+        model_decision: str | None = None,
         request: TrainRequest | None = None,
         submitted_at: Any = None,
         job_source: JobSource | None = None,
@@ -171,6 +180,7 @@ class StatusEvent(BaseModel):
             mlflow_run_id=mlflow_run_id,
             model_version=model_version,
             model_alias=model_alias,
+            model_decision=model_decision,
             request=request,
             submitted_at=submitted_at,
             source=job_source,

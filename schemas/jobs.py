@@ -251,4 +251,10 @@ class JobView(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     model_alias: str | None = None
+    # Why model_version was (not) promoted to production, in words (e.g. "below the quality gate: ...").
+    model_decision: str | None = None
+    # Set once by DELETE /train/{id} while the job had not ended (infra/views/merge.py); the job
+    # is CANCELLED when its worker (or the worker that claims it) has stopped it.
+    cancel_requested_at: UtcDatetime | None = None
+    cancel_reason: str | None = None
     history: list[EpochMetrics] = Field(default_factory=list)

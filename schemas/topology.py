@@ -11,9 +11,11 @@ Names (prefix ``cdtrain``; tests pass ``test-<uuid>`` to get an isolated set)::
     cdtrain.status                topic exchange   --"job.#"-->  cdtrain.projector (quorum)
                                                    --"job.<id>.*" or "job.#"--> watcher queues
     cdtrain.status.dlx            fanout exchange  ----------->  cdtrain.projector.dead
+    cdtrain.control               topic exchange   --"cancel.*"--> cdtrain.control.<worker> (one per worker)
 
 Status routing keys are ``job.<job_id>.<state>`` (state in lower case), so a watcher binds
-``job.<job_id>.*`` for one job or ``job.#`` for all of them.
+``job.<job_id>.*`` for one job or ``job.#`` for all of them. Control commands (cancel) are routed
+``cancel.<job_id>``; every worker binds ``cancel.*`` and acts only on the job it runs.
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "ALL_CANCELS",
     "ALL_JOBS",
     "BindingSpec",
     "ExchangeSpec",
     "ExchangeType",
     "QueueSpec",
     "Topology",
+    "cancel_routing_key",
     "job_binding_key",
 ]
 
 ALL_JOBS = "job.#"
 """Binding key that matches every status event of every job."""
+
+ALL_CANCELS = "cancel.*"
+"""Binding key that matches the cancel command of every job (a worker's control queue)."""
 
 # A job id becomes one word of a routing key: no dots (word separator) and no wildcards.
 _JOB_ID_WORD = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -46,6 +53,13 @@ def job_binding_key(job_id: str) -> str:
     if not _JOB_ID_WORD.match(job_id):
         raise ValueError(f"job id {job_id!r} cannot be a routing-key word (use [A-Za-z0-9_-])")
     return f"job.{job_id}.*"
+
+
+def cancel_routing_key(job_id: str) -> str:
+    """Routing key of a job's cancel command on the control exchange: ``cancel.<job_id>``."""
+    if not _JOB_ID_WORD.match(job_id):
+        raise ValueError(f"job id {job_id!r} cannot be a routing-key word (use [A-Za-z0-9_-])")
+    return f"cancel.{job_id}"
 
 
 class ExchangeType(str, Enum):
@@ -122,6 +136,12 @@ class Topology(_Spec):
     def status_dlx(self) -> ExchangeSpec:
         return ExchangeSpec(name=f"{self.prefix}.status.dlx", type=ExchangeType.FANOUT)
 
+    @property
+    def control_exchange(self) -> ExchangeSpec:
+        """Commands to running workers (cancel). Fire-and-forget: a command no worker is bound
+        for is dropped, because the job view holds the durable record (docs/bus.md)."""
+        return ExchangeSpec(name=f"{self.prefix}.control", type=ExchangeType.TOPIC)
+
     # --- durable queues -------------------------------------------------------------------
     @property
     def requests_queue(self) -> QueueSpec:
@@ -164,21 +184,34 @@ class Topology(_Spec):
         crash. Classic, not quorum: exclusive queues cannot be quorum queues, and losing a
         live view's buffer on a broker restart is fine (the job view is the source of truth).
         """
+        return self._exclusive_queue("watch", self.status_exchange, binding_key, watcher_id)
+
+    def control_queue(self, binding_key: str, subscriber_id: str) -> QueueSpec:
+        """An exclusive, auto-delete queue for one worker's control commands.
+
+        Like a watcher queue it lives as long as the worker's connection: a command sent while
+        no worker listens is not needed later, since a worker reads the job view when it claims
+        a job (consumer/worker.py).
+        """
+        return self._exclusive_queue("control", self.control_exchange, binding_key, subscriber_id)
+
+    def _exclusive_queue(self, kind: str, exchange: ExchangeSpec, binding_key: str, owner: str) -> QueueSpec:
         _check_binding_key(binding_key)
-        if not _JOB_ID_WORD.match(watcher_id):
-            raise ValueError(f"watcher id {watcher_id!r} must match [A-Za-z0-9_-]+")
+        if not _JOB_ID_WORD.match(owner):
+            raise ValueError(f"{kind} queue owner id {owner!r} must match [A-Za-z0-9_-]+")
         return QueueSpec(
-            name=f"{self.prefix}.watch.{watcher_id}",
+            name=f"{self.prefix}.{kind}.{owner}",
             durable=False,
             exclusive=True,
             auto_delete=True,
             arguments={"x-max-length": self.watcher_max_length, "x-overflow": "drop-head"},
-            bindings=(BindingSpec(exchange=self.status_exchange.name, routing_key=binding_key),),
+            bindings=(BindingSpec(exchange=exchange.name, routing_key=binding_key),),
         )
 
     # --- what to declare ------------------------------------------------------------------
     def exchanges(self) -> tuple[ExchangeSpec, ...]:
-        return (self.requests_exchange, self.requests_dlx, self.status_exchange, self.status_dlx)
+        return (self.requests_exchange, self.requests_dlx, self.status_exchange, self.status_dlx,
+                self.control_exchange)
 
     def queues(self) -> tuple[QueueSpec, ...]:
         """The durable queues, dead-letter queues first (their exchanges must route on day 1)."""

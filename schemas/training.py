@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     hue: float = Field(0.05, ge=0, le=0.5)
     blur_prob: float = Field(0.2, ge=0, le=1)
     blur_sigma_max: float = Field(1.5, gt=0)
-    swap_prob: float = Field(0.5, ge=0, le=1)
+    swap_prob: float = Field(0.0, ge=0, le=1)
     label_threshold: int = Field(128, ge=1, le=255)
     train_split: str = "train"
     val_split: str = "val"
@@ -78,7 +78,7 @@ class TrainConfig(BaseModel):
     window_blend: Literal["gaussian", "linear", "mean"] = "gaussian"
     threshold: float = Field(0.5, gt=0, lt=1)
     tune_threshold: bool = True
-    tta: Literal["none", "flip"] = "none"
+    tta: Literal["none", "flip"] = "flip"
 
     # --- early stopping -----------------------------------------------------------------------
     patience: int | None = Field(20, ge=1)

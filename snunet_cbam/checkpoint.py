@@ -46,6 +46,15 @@ def decision_threshold(state: dict[str, Any], config: TrainConfig) -> float:
     return float(state.get("threshold", config.threshold))
 
 
+def save_model_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """The model alone, for scoring, export and prediction: the validated weights, the config,
+    the epoch, its validation scores and the decision threshold; no optimiser, scheduler or RNG
+    state (a third of a training checkpoint's size). It loads like any checkpoint."""
+    slim = {"model": eval_weights(state), "config": state["config"], "epoch": state["epoch"],
+            "best": state.get("best"), **({"threshold": state["threshold"]} if "threshold" in state else {})}
+    save_checkpoint(path, slim)
+
+
 def build_model(config: TrainConfig) -> SNUNetCBAM:
     return SNUNetCBAM(in_channels=3, base_channel=config.base_channel, use_attention=config.use_attention,
                       spatial_attention=config.spatial_attention, change_prior=config.change_prior)

@@ -28,8 +28,9 @@ def _train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(_dump_yaml(config.model_dump()))
     result = Trainer(config, args.data, out, hooks=[ProgressBars(disable=args.quiet or None)]).fit(resume=args.resume)
-    print(json.dumps({"status": result.status, "best": result.best, "test": result.test,
-                      "metrics": str(result.metrics_path), "best_checkpoint": str(result.best_checkpoint)}, indent=2))
+    print(json.dumps({"status": result.status, "best": result.best, "threshold": result.val_at_threshold,
+                      "test": result.test, "metrics": str(result.metrics_path),
+                      "best_checkpoint": str(result.best_checkpoint)}, indent=2))
     return 0
 
 

@@ -69,6 +69,10 @@ LAST_CHECKPOINT = "last.pt"
 METRICS_FILE = "metrics.json"
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged (NaN or inf loss): stopped at the next step report, not trained on."""
+
+
 @dataclass
 class CheckedSplits:
     reports: dict[str, DatasetReport]  # role (train/val/test) -> report
@@ -343,6 +347,11 @@ class Trainer:
             window.add(loss, counts)
             if step % cfg.log_every_steps == 0 or step == last_step:
                 mean_loss, metrics, steps = window.read()
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(
+                        f"the training loss is {mean_loss} at step {progress.global_step} (precision "
+                        f"{run.precision.name}, compiled: {run.train_step.compiled}); lower lr, or set amp: false "
+                        f"or compile: false to rule out the fast paths")
                 self.hooks.on_step_end(StepInfo(
                     epoch=epoch, step_in_epoch=step, steps_per_epoch=run.epoch_steps,
                     global_step=progress.global_step, loss=mean_loss, lr=lr, metrics=metrics.as_dict(), steps=steps,

@@ -50,6 +50,7 @@ NON_INGRESS_CDTRAIN_VARS = {
     "CDTRAIN_DATA_DIR",           # worker cache, run directories, embedded stores
     "CDTRAIN_MLFLOW_EXPERIMENT",  # experiment of the job runs
     "CDTRAIN_HEARTBEAT_S",        # a running job's heartbeat interval
+    "CDTRAIN_PROMOTION_MARGIN",   # quality gate: F1 above the all-change F1 needed for production
     "CDTRAIN_STALE_AFTER_S",      # watchdog: silence before a job is re-queued
     "CDTRAIN_WORKER_CONFIG",      # YAML overrides applied to every job on a worker
     "CDTRAIN_ALLOW_LOCAL_PATHS",  # let jobs read file:// datasets

@@ -261,6 +261,18 @@ def test_status_event_round_trip() -> None:
     assert again.time == T0  # QUEUED happens when the job is submitted
 
 
+def test_succeeded_event_carries_the_model_decision() -> None:
+    reason = "first production version: F1 0.8300 on this job's validation split is above the quality gate 0.3700"
+    event = StatusEvent.for_job("job-1", 9, "succeeded", source=SOURCE, model_version="1", model_alias="production",
+                                model_decision=reason, time=T0)
+    body = json.loads(event.to_json_bytes())
+    assert body["data"]["model_decision"] == reason
+    assert StatusEvent.from_json(event.to_json_bytes()).data.model_decision == reason
+    # Events of an older worker have no decision; the field is optional.
+    del body["data"]["model_decision"]
+    assert StatusEvent.model_validate(body).data.model_decision is None
+
+
 def test_status_event_rejects_mismatched_type_and_subject() -> None:
     good = StatusEvent.for_job("job-1", 1, JobState.STARTING, source=SOURCE)
     body = json.loads(good.to_json_bytes())
@@ -337,6 +349,7 @@ def test_job_view_round_trip() -> None:
         model_name="snunet-cbam",
         model_version="3",
         model_alias="candidate",
+        model_decision="below the quality gate: F1 0.1100 <= all-change F1 0.2700 + margin 0.10",
         history=[{"epoch": 1, "metrics": {"val_f1": 0.8}, "time": T0}, {"epoch": 2, "metrics": {"val_f1": 0.9}}],
     )
     assert JobView.model_validate_json(view.model_dump_json()) == view

@@ -43,8 +43,9 @@ JOB_TIMEOUT = 240.0
 TINY = {"base_channel": 4, "crop_size": 32, "batch_size": 4, "num_workers": 0, "device": "cpu", "compile": False,
         "amp": False, "window_size": 64, "window_overlap": 8, "crops_per_image": 1}
 # Taught that change costs nothing to miss: it predicts no change at all (F1 0), so any model
-# that finds some change beats it.
-WEAK = {**TINY, "epochs": 1, "lr": 0.05, "weight_dice": 0, "pos_weight": 0.001}
+# that finds some change beats it. Its threshold stays 0.5 (no tuning), so it scores F1 0 on
+# any data, also when a later job scores it as the champion.
+WEAK = {**TINY, "epochs": 1, "lr": 0.05, "weight_dice": 0, "pos_weight": 0.001, "tune_threshold": False}
 STRONG = {**TINY, "epochs": 4, "lr": 0.005, "scheduler": "constant", "warmup_ratio": 0, "rotate_prob": 0,
           "color_jitter_prob": 0, "blur_prob": 0, "weight_decay": 0}
 
@@ -90,7 +91,11 @@ async def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     root = tmp_path_factory.mktemp(f"stack-{request.param}")
     mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
     bucket = f"lake-{uuid.uuid4().hex[:8]}"
-    base = dict(data_dir=root / "data", mlflow_tracking_uri=mlflow_uri, heartbeat_interval=2.0)
+    # Tiny CPU models score near "change everywhere": the quality gate is turned off (a margin of
+    # -1) so that these scenarios test champion against challenger; tests/test_tracking.py and
+    # tests/test_worker.py test the gate.
+    base = dict(data_dir=root / "data", mlflow_tracking_uri=mlflow_uri, heartbeat_interval=2.0,
+                promotion_margin=-1.0)
     cleanup: list[Callable[[], Awaitable[None]]] = []
 
     if request.param == "embedded":
@@ -209,6 +214,12 @@ async def test_rest_submission_succeeds_with_a_staged_model_and_a_subscriber_see
 
     version = stack.mlflow.get_model_version_by_alias("cd-e2e", "staging")
     assert str(version.version) == view["model_version"]
+    # The first version of the name, and the gate is off here: production, and the view says why.
+    assert view["model_alias"] == "production"
+    assert view["model_decision"].startswith("first production version: F1 ")
+    assert version.tags["promotion_reason"] == view["model_decision"] and version.tags["promotion"] == "promoted"
+    succeeded = next(e for e in seen if e.data.state.value == "succeeded")
+    assert succeeded.data.model_decision == view["model_decision"]
     run = stack.mlflow.get_run(view["mlflow_run_id"])
     assert run.data.params["epochs"] == "1" and run.data.params["pos_weight"] == "0.001"
     assert "val_f1" in run.data.metrics and run.info.status == "FINISHED"
@@ -243,10 +254,14 @@ async def test_archive_dropped_in_the_bucket_trains_and_a_better_model_is_promot
     weak_f1 = float(stack.mlflow.get_model_version("cd-e2e", production_before).tags["val_f1"]) \
         if production_before else 0.0
     assert better["best_metrics"]["val_f1"] > weak_f1, (better["best_metrics"], weak_f1)
-    assert better["model_alias"] == "production"
+    assert better["model_alias"] == "production", better["model_decision"]
     production = stack.mlflow.get_model_version_by_alias("cd-e2e", "production")
     assert str(production.version) == better["model_version"]
     if production_before is not None:
+        # Judged on this job's data: the weak champion's checkpoint, from its run, scored there too.
+        assert f"beats production v{production_before}'s " in better["model_decision"]
+        assert better["model_decision"].endswith("on the same data")
+        assert float(production.tags["champion_f1"]) < float(production.tags["challenger_f1"])
         assert production.tags["promoted_over"] == production_before
         assert stack.mlflow.get_model_version("cd-e2e", production_before).current_stage == "Archived"
 
@@ -295,3 +310,34 @@ def _production_version(client: MlflowClient, name: str) -> str | None:
         return str(client.get_model_version_by_alias(name, "production").version)
     except Exception:  # noqa: BLE001 - no registered model or no alias yet
         return None
+
+
+async def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(stack: Stack, synthetic: Path) -> None:
+    uri = await dataset_uri(stack, synthetic, "cancel")
+    seen: list[StatusEvent] = []
+
+    async def collect(event: StatusEvent, _delivery: Any) -> None:
+        seen.append(event)
+
+    subscription = await stack.watcher_bus.subscribe_status("job.#", collect, model=StatusEvent)
+    long = {**TINY, "epochs": 500}
+    _, running = await post_train(stack, {"dataset_uri": uri, "config": long})
+    _, queued = await post_train(stack, {"dataset_uri": uri, "config": long})  # behind it: one job per worker
+    running_id, queued_id = running["job_id"], queued["job_id"]
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(f"{stack.url}/train/{queued_id}") as response:
+            assert response.status == 202 and (await response.json())["state"] == "QUEUED"
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not any(e.job_id == running_id and e.data.epoch == 1 and e.data.metrics for e in seen):
+            assert time.monotonic() < deadline, "the first job never finished an epoch"
+            await asyncio.sleep(0.2)
+        async with http.delete(f"{stack.url}/train/{running_id}") as response:
+            assert response.status == 202 and (await response.json())["state"] == "RUNNING"
+
+    stopped = await wait_for_job(stack, running_id, timeout=30)
+    assert stopped["state"] == "cancelled" and stopped["error"] == "cancelled by request"
+    assert stack.mlflow.get_run(stopped["mlflow_run_id"]).info.status == "KILLED"
+    skipped = await wait_for_job(stack, queued_id, timeout=30)
+    assert skipped["state"] == "cancelled" and skipped["mlflow_run_id"] is None
+    await subscription.close()
+    assert [e.data.state.value for e in seen if e.job_id == queued_id] == ["queued", "cancelled"]

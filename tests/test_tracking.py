@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,25 +37,43 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E
 MLFLOW_IMPORT_S = time.monotonic() - t0
 
 from consumer.tracking import (  # noqa: E402
+    CHECKPOINT_ARTIFACT,
     CONFIG_ARTIFACT,
+    DEFAULT_PROMOTION_MARGIN,
     METRICS_ARTIFACT,
     MlflowHooks,
+    PromotionJudge,
+    Verdict,
+    all_change_f1,
     config_params,
     ensure_experiment,
+    fetch_checkpoint,
     find_logged_model,
     log_best_model,
+    log_checkpoint,
     mlflow_run_status,
     register_and_promote,
     start_job_run,
+    validation_scorer,
 )
+from consumer.tracking.registry import PromotionRequest, rightful_production  # noqa: E402
+from consumer.tracking.job_tracker import MlflowJobTracker  # noqa: E402
+from schemas import TrainJob, TrainRequest  # noqa: E402
 from schemas.training import TrainConfig  # noqa: E402
-from snunet_cbam.checkpoint import model_from_checkpoint  # noqa: E402
+from snunet_cbam.checkpoint import decision_threshold, model_from_checkpoint  # noqa: E402
 from snunet_cbam.data.check import check_pairs  # noqa: E402
 from snunet_cbam.data.dataset import to_tensor  # noqa: E402
 from snunet_cbam.data.imageio import read_rgb  # noqa: E402
 from snunet_cbam.data.layouts import list_split  # noqa: E402
 from snunet_cbam.hooks import EpochInfo, RunStartInfo, StepInfo, TrainResult  # noqa: E402
 from snunet_cbam.trainer import Trainer  # noqa: E402
+from tests.crafted_models import (  # noqa: E402
+    ALL_CHANGE_F1,
+    constant_checkpoint,
+    crafted_config,
+    difference_checkpoint,
+    draw_difference_dataset,
+)
 from tests.ml.conftest import levir_samples, tiny_config  # noqa: E402,F401 - levir_samples is a fixture
 
 EPOCHS = 2
@@ -77,7 +96,7 @@ def trained(store, levir_samples, tmp_path_factory):  # noqa: F811
                                     source="rest")
     assert created
     # Whole 256 px tiles in one window: the test split costs one forward per tile.
-    config = tiny_config(epochs=EPOCHS, test_split="demo", window_size=256, window_overlap=0)
+    config = tiny_config(epochs=EPOCHS, test_split="demo", window_size=256, window_overlap=0, log_every_steps=3)
     hooks = MlflowHooks(store.client, run_id, step_flush_every=2)
     started = time.monotonic()
     result = Trainer(config, levir_samples, out, hooks=[hooks]).fit()
@@ -147,11 +166,14 @@ def test_run_holds_config_params_tags_and_per_epoch_metrics(store, trained):
     assert _history(client, trained.run_id, "lr") == [(h["epoch"], pytest.approx(h["lr"])) for h in result.history]
     assert [s for s, _ in _history(client, trained.run_id, "epoch_seconds")] == list(range(1, EPOCHS + 1))
 
-    # Step metrics: every global step, batched (flushed every 2 steps and at each epoch end).
-    steps = run.data.tags["steps_per_epoch"]
-    total = int(steps) * EPOCHS
+    # Step metrics: every log_every_steps steps and at each epoch's last step, batched.
+    steps = int(run.data.tags["steps_per_epoch"])
+    every = trained.config.log_every_steps
+    reported = [(e - 1) * steps + k for e in range(1, EPOCHS + 1) for k in range(1, steps + 1)
+                if k % every == 0 or k == steps]
+    assert len(reported) < steps * EPOCHS  # fewer reads than steps: the point of the window
     for key in ("step_loss", "step_f1", "step_lr"):
-        assert [s for s, _ in _history(client, trained.run_id, key)] == list(range(1, total + 1)), key
+        assert [s for s, _ in _history(client, trained.run_id, key)] == reported, key
     assert all(v > 0 for _, v in _history(client, trained.run_id, "step_lr"))
 
 
@@ -163,6 +185,8 @@ def test_run_end_logs_best_and_test_metrics_and_artifacts(store, trained, tmp_pa
         assert _history(client, trained.run_id, f"best_val_{key}") == [(best_epoch, pytest.approx(result.best[key]))]
         assert _history(client, trained.run_id, f"test_{key}") == [(best_epoch, pytest.approx(result.test[key]))]
     assert client.get_run(trained.run_id).data.tags["best_epoch"] == str(best_epoch)
+    assert _history(client, trained.run_id, "threshold") == [(best_epoch, pytest.approx(result.threshold))]
+    assert _history(client, trained.run_id, "tuned_val_f1") == [(best_epoch, pytest.approx(result.val_at_threshold["f1"]))]
 
     names = {a.path for a in client.list_artifacts(trained.run_id)}
     assert {METRICS_ARTIFACT, CONFIG_ARTIFACT} <= names
@@ -206,7 +230,15 @@ def test_logged_model_is_pt2_with_signature_and_belongs_to_the_run(store, traine
     assert mlmodel.flavors["python_function"]["model_config"] == {"device": "cpu"}
     sig = mlmodel.signature
     assert sig.inputs.inputs[0].shape == (-1, 6, -1, -1) and sig.outputs.inputs[0].shape == (-1, 1, -1, -1)
-    assert mlmodel.metadata["threshold"] == trained.config.threshold and mlmodel.metadata["min_side"] == 16
+    # The threshold tuned at the end of the run (stored in the checkpoint), not the config's default.
+    _, config, state = model_from_checkpoint(trained.result.best_checkpoint)
+    assert mlmodel.metadata["threshold"] == decision_threshold(state, config) and mlmodel.metadata["min_side"] == 16
+
+    # The checkpoint rides along as a run artifact: what the registry scores a champion with.
+    assert logged.checkpoint_artifact == CHECKPOINT_ARTIFACT == "checkpoint/best.pt"
+    assert [a.path for a in client.list_artifacts(trained.run_id, "checkpoint")] == [CHECKPOINT_ARTIFACT]
+    fetched = fetch_checkpoint(client, trained.run_id, tmp_path / "fetched")
+    assert fetched.read_bytes() == trained.result.best_checkpoint.read_bytes()
 
 
 @pytest.mark.slow
@@ -224,6 +256,21 @@ def test_logged_model_loads_with_pyfunc_and_matches_the_checkpoint(store, traine
 
 
 # --- the registry policy ---------------------------------------------------------------------------
+# Real scoring of crafted models (tests/crafted_models.py) on a drawn split: "perfect" F1 1.0,
+# "half" F1 2/3, "all_change" F1 = the split's all-change F1 (2/9, below any positive margin).
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crafted")
+    folder = root / "checkpoints"
+    folder.mkdir()
+    return SimpleNamespace(
+        data=draw_difference_dataset(root / "data"), config=crafted_config(),
+        perfect=difference_checkpoint(folder / "perfect.pt", 20),
+        half=difference_checkpoint(folder / "half.pt", 75),
+        all_change=constant_checkpoint(folder / "all_change.pt", change=True),
+    )
+
+
 def _cheap_run(client, experiment_id, tmp_path) -> str:
     """A run with a READY logged model: what log_best_model leaves, minus the weights."""
     run_id = client.create_run(experiment_id).info.run_id
@@ -237,93 +284,237 @@ def _cheap_run(client, experiment_id, tmp_path) -> str:
     return run_id
 
 
+def _register(store, crafted, tmp_path, name, checkpoint, *, val_f1=0.5, logs_checkpoint=True,
+              margin=DEFAULT_PROMOTION_MARGIN):
+    """One job's registration: a run (with ``checkpoint`` as its checkpoint artifact unless
+    ``logs_checkpoint`` is False), judged by the worker's judge on the drawn split."""
+    run_id = _cheap_run(store.client, store.experiment_id, tmp_path)
+    if logs_checkpoint:
+        log_checkpoint(store.client, run_id, checkpoint)
+    judge = PromotionJudge(store.client, checkpoint, validation_scorer(crafted.data, crafted.config), margin=margin,
+                           work_dir=tmp_path / f"champions-{run_id}")
+    return register_and_promote(store.client, run_id, name, val_f1, judge=judge, settle_s=0)
+
+
 def _version(client, name, alias):
     return int(client.get_model_version_by_alias(name, alias).version)
 
 
-def test_first_version_goes_to_production_a_worse_one_stays_staging_a_better_one_replaces_it(store, tmp_path):
-    client, name = store.client, "cd-policy"
-    first = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.50, settle_s=0)
-    assert (first.version, first.promoted, first.alias, first.stage) == (1, True, "production", "Production")
-    assert first.previous_production_version is None
-    assert _version(client, name, "production") == 1 and _version(client, name, "staging") == 1
+def _aliases(client, name):
+    return {alias: str(version) for alias, version in (client.get_registered_model(name).aliases or {}).items()}
 
-    worse = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.40, settle_s=0)
-    assert (worse.version, worse.promoted, worse.alias, worse.stage) == (2, False, "staging", "Staging")
-    assert worse.previous_production_version == 1 and worse.previous_production_f1 == 0.5
-    assert _version(client, name, "production") == 1 and _version(client, name, "staging") == 2
+
+def _tags(client, name, version):
+    return client.get_model_version(name, str(version)).tags
+
+
+def test_all_change_f1_is_the_f1_of_calling_every_pixel_change():
+    # 1 change pixel in 8: precision 1/8, recall 1 -> F1 2/9, whatever the model predicted.
+    assert all_change_f1(tp=1, fp=0, fn=0, tn=7) == pytest.approx(2 / 9)
+    assert all_change_f1(tp=0, fp=3, fn=1, tn=4) == pytest.approx(2 / 9)
+    assert all_change_f1(0, 0, 0, 0) == 0.0
+
+
+def test_a_first_version_below_the_quality_gate_stays_in_staging_and_says_why(store, crafted, tmp_path):
+    client, name = store.client, "cd-gate"
+    # A high val_f1 of its own means nothing: on its split, "change everywhere" scores the same.
+    useless = _register(store, crafted, tmp_path, name, crafted.all_change, val_f1=0.9)
+    assert (useless.version, useless.promoted, useless.alias, useless.stage) == (1, False, "staging", "Staging")
+    assert "production" not in _aliases(client, name) and _version(client, name, "staging") == 1
+    tags = _tags(client, name, 1)
+    assert tags["promotion"] == "kept" and tags["val_f1"] == "0.9"
+    assert tags["promotion_reason"] == useless.reason
+    assert useless.reason == (f"below the quality gate: F1 {ALL_CHANGE_F1:.4f} <= all-change F1 {ALL_CHANGE_F1:.4f} "
+                              "+ margin 0.10")
+    assert float(tags["challenger_f1"]) == pytest.approx(ALL_CHANGE_F1, abs=1e-6)
+    assert float(tags["all_change_f1"]) == pytest.approx(ALL_CHANGE_F1, abs=1e-6)
+    assert float(tags["quality_gate"]) == pytest.approx(ALL_CHANGE_F1 + 0.10, abs=1e-6)
+    assert "champion_f1" not in tags and "promotion_request" not in tags
+
+    # The margin is the worker's setting: 2/3 passes the default gate (0.32), not one of 0.5 (0.72).
+    strict = _register(store, crafted, tmp_path, name, crafted.half, margin=0.5)
+    assert not strict.promoted and strict.reason.startswith("below the quality gate: F1 0.6667")
+    assert float(_tags(client, name, strict.version)["quality_gate"]) == pytest.approx(ALL_CHANGE_F1 + 0.5, abs=1e-6)
+
+    good = _register(store, crafted, tmp_path, name, crafted.perfect, val_f1=0.1)
+    assert (good.version, good.promoted, good.alias, good.stage) == (3, True, "production", "Production")
+    assert good.reason.startswith("first production version: F1 1.0000") and "quality gate 0.3222" in good.reason
+    assert _aliases(client, name) == {"production": "3", "staging": "3"}
+    assert _tags(client, name, 3)["promotion"] == "promoted" and good.previous_production_version is None
+
+
+def test_a_worse_challenger_scored_on_the_same_data_is_kept_out(store, crafted, tmp_path):
+    client, name = store.client, "cd-worse"
+    champion = _register(store, crafted, tmp_path, name, crafted.perfect, val_f1=0.40)
+    assert champion.promoted
+    # Its own val_f1 (another dataset) is far higher than the champion's tag: the old rule would
+    # have promoted it. On the same data it is worse.
+    worse = _register(store, crafted, tmp_path, name, crafted.half, val_f1=0.95)
+    assert (worse.promoted, worse.alias, worse.stage, worse.previous_production_version) == (False, "staging",
+                                                                                            "Staging", 1)
+    assert worse.reason == ("F1 0.6667 on this job's validation split does not beat production v1's 1.0000 on "
+                            "the same data")
+    tags = _tags(client, name, worse.version)
+    assert tags["promotion"] == "kept"
+    assert float(tags["champion_f1"]) == 1.0 and float(tags["challenger_f1"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert _version(client, name, "production") == 1
     assert client.get_model_version(name, "1").current_stage == "Production"
 
-    better = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.60, settle_s=0)
-    assert (better.version, better.promoted, better.alias, better.stage) == (3, True, "production", "Production")
-    assert better.previous_production_version == 1
-    assert _version(client, name, "production") == 3 and _version(client, name, "staging") == 3
+    tie = _register(store, crafted, tmp_path, name, crafted.perfect, val_f1=0.99)  # a tie keeps the champion
+    assert not tie.promoted and "does not beat production v1's 1.0000" in tie.reason
+    assert _version(client, name, "production") == 1
+
+
+def test_a_better_challenger_is_promoted_and_the_champion_archived(store, crafted, tmp_path):
+    client, name = store.client, "cd-better"
+    champion = _register(store, crafted, tmp_path, name, crafted.half, val_f1=0.90)
+    assert champion.promoted and champion.stage == "Production"
+    better = _register(store, crafted, tmp_path, name, crafted.perfect, val_f1=0.30)  # lower tag, better model
+    assert (better.version, better.promoted, better.alias, better.stage) == (2, True, "production", "Production")
+    assert better.previous_production_version == 1 and better.previous_production_f1 == 0.9
+    assert better.reason == "F1 1.0000 on this job's validation split beats production v1's 0.6667 on the same data"
+    assert _aliases(client, name) == {"production": "2", "staging": "2"}
     stages = {int(v.version): v.current_stage for v in client.search_model_versions(f"name = '{name}'")}
-    assert stages == {1: "Archived", 2: "Staging", 3: "Production"}
-    tags = client.get_model_version(name, "3").tags
-    assert tags["val_f1"] == "0.6" and tags["promoted_over"] == "1" and tags["previous_production_f1"] == "0.5"
-    assert "promoted_over" not in client.get_model_version(name, "2").tags
-    mv = client.get_model_version(name, "3")  # the version links back to its run and logged model
+    assert stages == {1: "Archived", 2: "Production"}
+    tags = _tags(client, name, 2)
+    assert tags["promotion"] == "promoted" and tags["promoted_over"] == "1" and tags["previous_production_f1"] == "0.9"
+    assert float(tags["champion_f1"]) == pytest.approx(2 / 3, abs=1e-6) and float(tags["challenger_f1"]) == 1.0
+    assert tags["val_f1"] == "0.3" and "promotion_request" in tags
+    mv = client.get_model_version(name, "2")  # the version links back to its run and logged model
     logged_model = client.get_logged_model(mv.tags["logged_model_id"])
     assert logged_model.source_run_id == mv.run_id and mv.source == logged_model.artifact_location
 
 
-def test_a_tie_keeps_the_incumbent_and_a_hand_placed_production_is_never_replaced(store, tmp_path):
-    client, name = store.client, "cd-tie"
-    register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.5, settle_s=0)
-    tie = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.5, settle_s=0)
-    assert not tie.promoted and _version(client, name, "production") == 1
+def test_a_champion_without_checkpoint_or_val_f1_is_never_replaced_automatically(store, crafted, tmp_path):
+    client, name = store.client, "cd-no-checkpoint"
+    # As if registered before runs carried their checkpoint: production, but nothing to score.
+    legacy = _register(store, crafted, tmp_path, name, crafted.half, logs_checkpoint=False)
+    assert legacy.promoted
+    challenger = _register(store, crafted, tmp_path, name, crafted.perfect)
+    assert not challenger.promoted and _version(client, name, "production") == 1
+    assert challenger.reason == "production v1 has no checkpoint to score on this job's data; promote by hand"
+    tags = _tags(client, name, challenger.version)
+    assert tags["promotion"] == "kept" and tags["promotion_reason"] == challenger.reason
+    assert "champion_f1" not in tags and float(tags["challenger_f1"]) == 1.0
 
     client.delete_model_version_tag(name, "1", "val_f1")  # as if a person had put v1 there
-    much_better = register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, 0.99,
-                                       settle_s=0)
-    assert not much_better.promoted and "never replaced" in much_better.reason
+    hand_placed = _register(store, crafted, tmp_path, name, crafted.perfect)
+    assert not hand_placed.promoted and "never replaced automatically" in hand_placed.reason
     assert _version(client, name, "production") == 1
     with pytest.raises(ValueError):
-        register_and_promote(client, _cheap_run(client, store.experiment_id, tmp_path), name, float("nan"))
+        _register(store, crafted, tmp_path, name, crafted.perfect, val_f1=float("nan"))
+
+
+def test_the_rightful_production_walks_the_request_tree_first_come_first_served():
+    r = PromotionRequest
+    # v2 and v3 both beat v1 (v2 asked first); v4 then beat v2: v4 is rightful, from v1, v2, v3 or v4.
+    requests = {2: r(100, 1), 3: r(101, 1), 4: r(200, 2)}
+    assert {rightful_production(v, requests) for v in (1, 2, 3, 4)} == {4}
+    assert rightful_production(None, {5: r(100, None), 6: r(99, None)}) == 6  # first versions: the earliest
+    assert rightful_production(7, requests) == 7  # nobody beat v7: it stays (e.g. placed by hand since)
+    assert rightful_production(None, {}) is None
+    assert rightful_production(2, {2: r(1, 3), 3: r(2, 2)}) in (2, 3)  # stale tags in a cycle: no endless loop
 
 
 class _RacingClient(MlflowClient):
-    """Holds this worker's production write until the other worker has written its own: the
-    interleaving where a worse version overwrites a better one (both read 'no production')."""
+    """Holds this worker's settle until the other worker has finished: the interleaving where a
+    worker that asked first settles last."""
 
-    def __init__(self, uri, hold_until: threading.Event | None = None, written: threading.Event | None = None,
-                 holding: threading.Event | None = None):
+    def __init__(self, uri, asked: threading.Event | None = None, hold_until: threading.Event | None = None):
         super().__init__(uri)
-        self.hold_until, self.written, self.holding = hold_until, written, holding
+        self.asked, self.hold_until, self.held = asked, hold_until, False
 
-    def set_registered_model_alias(self, name, alias, version):
-        if alias == "production" and self.hold_until is not None and not self.hold_until.is_set():
-            self.holding.set()
+    def set_model_version_tag(self, name, version, key, value):
+        super().set_model_version_tag(name, version, key, value)
+        if key == "promotion_request" and self.asked is not None:
+            self.asked.set()
+
+    def search_model_versions(self, *args, **kwargs):  # only the settle searches
+        if self.hold_until is not None and not self.held:
+            self.held = True
             assert self.hold_until.wait(30)
-        super().set_registered_model_alias(name, alias, version)
-        if alias == "production" and self.written is not None:
-            self.written.set()
+        return super().search_model_versions(*args, **kwargs)
 
 
-def test_concurrent_promotions_converge_on_the_better_version(store, tmp_path):
+def _table_judge(f1_on_my_data: dict[int | None, float], mine: float):
+    """A judge that knows every model's F1 on its job's data (champion version -> F1)."""
+    def judge(champion):
+        if champion is None:
+            return Verdict(True, "first")
+        theirs = f1_on_my_data[champion.version]
+        return Verdict(mine > theirs, f"{mine} vs v{champion.version}'s {theirs}", {"champion_f1": repr(theirs)})
+    return judge
+
+
+def test_concurrent_promotions_end_as_if_the_jobs_had_finished_one_after_the_other(store, tmp_path):
     name = "cd-race"
     runs = [_cheap_run(store.client, store.experiment_id, tmp_path) for _ in range(2)]
-    better_written, worse_holding = threading.Event(), threading.Event()
-    worse_client = _RacingClient(store.uri, hold_until=better_written, holding=worse_holding)
-    better_client = _RacingClient(store.uri, written=better_written)
+    asked, first_done = threading.Event(), threading.Event()
+    # Worker 1's model is v1 and worker 2's v2 (registered in that order, below).
+    first_client = _RacingClient(store.uri, asked=asked, hold_until=first_done)
     results = {}
 
-    def worse():
-        results["worse"] = register_and_promote(worse_client, runs[0], name, 0.70, settle_s=0.5)
+    def first():
+        # On its own data v2 would score 0.9 against its 0.7: it never replaces v2.
+        results["first"] = register_and_promote(first_client, runs[0], name, 0.5, settle_s=0.1,
+                                                judge=_table_judge({2: 0.9}, 0.7))
 
-    thread = threading.Thread(target=worse)
+    thread = threading.Thread(target=first)
     thread.start()
-    assert worse_holding.wait(30)  # it read "no production" and now waits to write
-    results["better"] = register_and_promote(better_client, runs[1], name, 0.80, settle_s=0.5)
-    thread.join(30)
+    assert asked.wait(30)  # worker 1 judged "no production", asked, and now waits to settle
+    try:
+        # Worker 2 also finds no production and asks, after worker 1: the settle gives worker 1's
+        # request the place (first come), so worker 2 then judges v1 on its data, beats it, and wins.
+        results["second"] = register_and_promote(MlflowClient(store.uri), runs[1], name, 0.5, settle_s=0.1,
+                                                 judge=_table_judge({1: 0.6}, 0.8))
+    finally:
+        first_done.set()
+        thread.join(30)
 
-    better, worse_result = results["better"], results["worse"]
-    assert _version(store.client, name, "production") == better.version
-    assert better.promoted and not worse_result.promoted
-    assert "concurrent" in worse_result.reason
-    assert store.client.get_model_version(name, str(better.version)).current_stage == "Production"
-    assert "promoted_over" not in store.client.get_model_version(name, str(worse_result.version)).tags
+    first_result, second_result = results["first"], results["second"]
+    assert (first_result.version, second_result.version) == (1, 2)
+    assert second_result.promoted and second_result.previous_production_version == 1
+    assert second_result.reason == "0.8 vs v1's 0.6"
+    # Worker 1 settled last, found v2 in production over its v1, and judged v2 on its own data.
+    assert not first_result.promoted and first_result.reason == "0.7 vs v2's 0.9"
+    assert _version(store.client, name, "production") == 2
+    assert store.client.get_model_version(name, "2").current_stage == "Production"
+    assert _tags(store.client, name, 2)["promoted_over"] == "1"
+    assert "promotion_request" not in _tags(store.client, name, 1)  # withdrawn: it can win no later settle
+    assert _tags(store.client, name, 1)["promotion"] == "kept"
+
+
+@pytest.mark.slow
+def test_the_job_tracker_scores_the_champion_from_the_checkpoint_its_run_logged(store, crafted, tmp_path):
+    """The worker's path: finish() logs the model and its checkpoint, and the next job scores that
+    checkpoint, downloaded from the champion's run, on its own data."""
+    tracker = MlflowJobTracker(store.client, "cdtrain-tests")
+    name = "cd-tracker"
+
+    def finish(checkpoint: Path, job_name: str):
+        folder = tmp_path / job_name
+        folder.mkdir()
+        best = folder / "best.pt"
+        shutil.copyfile(checkpoint, best)
+        (folder / "metrics.json").write_text("{}")
+        result = TrainResult(status="completed", epochs_run=1, best={"epoch": 1, "f1": 0.5}, history=[], test=None,
+                             best_checkpoint=best, last_checkpoint=best, metrics_path=folder / "metrics.json")
+        job = TrainJob(request=TrainRequest(dataset_uri="s3://lake/drawn/", register_model=True, model_name=name))
+        run_id = tracker.start_run(job, crafted.config, attempt=0)
+        registered = tracker.finish(run_id, result, job, crafted.data, crafted.config)
+        assert store.client.get_run(run_id).info.status == "FINISHED"
+        return run_id, job, registered
+
+    run_id, job, first = finish(crafted.half, "half")
+    assert (first.version, first.alias) == ("1", "production")
+    assert first.decision.startswith("first production version: F1 0.6667")
+    assert CHECKPOINT_ARTIFACT in {a.path for a in store.client.list_artifacts(run_id, "checkpoint")}
+    assert _tags(store.client, name, 1)["job_id"] == job.job_id
+
+    _, _, second = finish(crafted.perfect, "perfect")
+    assert (second.version, second.alias) == ("2", "production")
+    assert second.decision == ("F1 1.0000 on this job's validation split beats production v1's 0.6667 on the same "
+                               "data")
 
 
 # --- MLflow trouble never reaches the trainer ---------------------------------------------------------
@@ -501,12 +692,25 @@ def test_rest_server_end_to_end(mlflow_server, trained, levir_samples, tmp_path,
     info = log_best_model(client, run_id, trained.result.best_checkpoint)
     log_model_s = time.monotonic() - started
     record_property("log_best_model_rest_s", round(log_model_s, 1))
-    first = register_and_promote(client, run_id, "cd-rest", info.val_f1, settle_s=0.2)
-    assert first.promoted and first.stage == "Production"
+    # Two epochs on seven tiles score little: the gate is lowered (a negative margin) so the REST
+    # path of a promotion and of a champion's checkpoint download are what is tested here.
+    score = validation_scorer(levir_samples, trained.config)
 
+    def judge(challenger_run: str) -> PromotionJudge:
+        return PromotionJudge(client, trained.result.best_checkpoint, score, margin=-1.0,
+                              work_dir=tmp_path / f"champions-{challenger_run}")
+
+    first = register_and_promote(client, run_id, "cd-rest", info.val_f1, judge=judge(run_id), settle_s=0.2)
+    assert first.promoted and first.stage == "Production", first.reason
+
+    # The same weights again: the champion is downloaded over REST and scored; a tie keeps it.
     other_run = _cheap_run(client, client.get_run(run_id).info.experiment_id, tmp_path)
-    second = register_and_promote(client, other_run, "cd-rest", info.val_f1 - 0.01, settle_s=0.2)
+    second = register_and_promote(client, other_run, "cd-rest", info.val_f1 + 0.01, judge=judge(other_run),
+                                  settle_s=0.2)
     assert not second.promoted and second.stage == "Staging" and second.previous_production_version == first.version
+    assert "does not beat production v1's" in second.reason
+    champion_tags = client.get_model_version("cd-rest", str(second.version)).tags
+    assert champion_tags["champion_f1"] == champion_tags["challenger_f1"]
     assert int(client.get_model_version_by_alias("cd-rest", "production").version) == first.version
     client.set_terminated(run_id, mlflow_run_status(trained.result.status))
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -14,6 +14,7 @@ from infra.views import InMemoryJobViewStore, InvalidCursor, JobViewStore, Mongo
 from schemas import JobPhase, JobState, StatusEvent, TrainJob, TrainRequest, event_source
 
 WORKER = event_source("worker", "gpu-0")
+DECISION = "F1 0.8123 on this job's validation split beats production v3's 0.7931 on the same data"
 INGRESS = event_source("ingress", "api-0")
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -41,7 +42,8 @@ def lifecycle(job_id: str, at: datetime = T0) -> list[StatusEvent]:
         seq += 2
     events.append(ev(seq, "running", phase="registering", epoch=3, epochs=3, step=30, mlflow_run_id=run))
     events.append(ev(seq + 1, "succeeded", epoch=3, epochs=3, step=30, mlflow_run_id=run,
-                     metrics={"val_f1": 0.8, "test_f1": 0.79}, model_version="4", model_alias="candidate"))
+                     metrics={"val_f1": 0.8, "test_f1": 0.79}, model_version="4", model_alias="candidate",
+                     model_decision=DECISION))
     return events
 
 
@@ -84,7 +86,7 @@ async def test_full_lifecycle_in_order(view_store: JobViewStore) -> None:
     assert view.updated_at == events[-1].time
     assert (view.epoch, view.epochs, view.step) == (3, 3, 30)
     assert view.mlflow_run_id == "run-1"
-    assert (view.model_version, view.model_alias) == ("4", "candidate")
+    assert (view.model_version, view.model_alias, view.model_decision) == ("4", "candidate", DECISION)
     assert view.best_metrics == {"val_f1": 0.8, "test_f1": 0.79}
     assert view.metrics == view.best_metrics
     assert view.error is None
@@ -152,6 +154,17 @@ async def test_stale_running_after_terminal_is_ignored(view_store: JobViewStore)
     assert await view_store.apply(StatusEvent.for_job("job-1", 4, "running", source=WORKER, epoch=2)) is False
     view = await view_store.get("job-1")
     assert (view.state, view.error, view.epoch) == (JobState.FAILED, "disk full", None)
+
+
+async def test_the_model_decision_survives_a_later_event_without_it(view_store: JobViewStore) -> None:
+    # A heartbeat re-stating SUCCEEDED carries no decision: the view keeps the one it has.
+    events = lifecycle("job-1")
+    for event in events:
+        await view_store.apply(event)
+    restated = StatusEvent.for_job("job-1", events[-1].sequence + 1, "succeeded", source=WORKER, model_version="4")
+    assert await view_store.apply(restated) is True
+    view = await view_store.get("job-1")
+    assert (view.model_version, view.model_alias, view.model_decision) == ("4", "candidate", DECISION)
 
 
 async def test_higher_sequence_after_terminal_wins(view_store: JobViewStore) -> None:

@@ -105,3 +105,34 @@ async def test_bad_input_ends_the_job_failed_with_its_reason(bus: MessageBus, wo
         await watcher.close()
     assert events[-1].data.state == JobState.FAILED
     assert reason in events[-1].data.error
+
+
+async def test_a_registered_job_reports_where_its_model_went_and_why(bus: MessageBus, worker_parts) -> None:
+    stores, tracker, settings, _ = worker_parts
+    # A gate no model can pass (all-change F1 + 1): the outcome does not depend on the training.
+    strict = MlflowJobTracker(tracker.client, "worker-tests", artifact_location=tracker.artifact_location,
+                              promotion_margin=1.0)
+    worker = TrainingWorker(bus, stores, strict, settings)
+    events: list[StatusEvent] = []
+
+    async def on_status(event: StatusEvent, _delivery: Any) -> None:
+        events.append(event)
+
+    watcher = await bus.subscribe_status("job.#", on_status, model=StatusEvent)
+    job = TrainJob(request=TrainRequest(dataset_uri="s3://lake/data/", register_model=True, model_name="cd-worker",
+                                        config={**TINY, "epochs": 1, "test_split": None}))
+    await bus.publish_request(job)
+    subscription = await bus.consume_requests(worker.handle, model=TrainJob, prefetch=1)
+    try:
+        await _wait(lambda: bool(events) and events[-1].data.state.is_terminal, timeout=240)
+    finally:
+        await subscription.close()
+        await watcher.close()
+
+    done = events[-1].data
+    assert done.state == JobState.SUCCEEDED, done.error
+    assert (done.model_version, done.model_alias) == ("1", "staging")
+    assert done.model_decision.startswith("below the quality gate: F1 ") and "+ margin 1.00" in done.model_decision
+    tags = tracker.client.get_model_version("cd-worker", "1").tags
+    assert tags["promotion"] == "kept" and tags["promotion_reason"] == done.model_decision
+    assert tags["job_id"] == job.job_id

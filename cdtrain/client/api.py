@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from cdtrain.client.errors import (
     ApiError,
     Conflict,
+    JobEnded,
     JobNotFound,
     RequestRejected,
     ServiceUnavailable,
@@ -24,7 +25,17 @@ from cdtrain.client.errors import (
     Unauthorized,
     UnexpectedResponse,
 )
-from cdtrain.client.models import Accepted, EndFrame, ErrorBody, JobList, JobView, StatusFrame, StreamFrame, ViewFrame
+from cdtrain.client.models import (
+    Accepted,
+    CancelAccepted,
+    EndFrame,
+    ErrorBody,
+    JobList,
+    JobView,
+    StatusFrame,
+    StreamFrame,
+    ViewFrame,
+)
 from cdtrain.client.settings import ClientSettings
 from cdtrain.client.sse import SseMessage, SseParser
 from schemas.events import StatusEvent
@@ -69,6 +80,10 @@ class ApiClient:
     async def get(self, job_id: str) -> JobView:
         """GET /train/{job_id}; :class:`JobNotFound` when there is no such job."""
         return JobView.model_validate(await self._json("GET", _job_path(job_id), job_id=job_id))
+
+    async def cancel(self, job_id: str) -> CancelAccepted:
+        """DELETE /train/{job_id}: :class:`JobNotFound`, or :class:`JobEnded` when it already ended."""
+        return CancelAccepted.model_validate(await self._json("DELETE", _job_path(job_id), job_id=job_id))
 
     async def list(self, *, status: str | None = None, limit: int | None = None,
                    cursor: str | None = None) -> JobList:
@@ -160,6 +175,8 @@ class ApiClient:
                                "(set CDTRAIN_API_TOKEN)", status=401)
         if status == 404 and job_id is not None and body is not None and "not found" in body.error:
             raise JobNotFound(job_id)
+        if status == 409 and body is not None and body.state is not None:
+            raise JobEnded(message, job_id=body.job_id, state=body.state)
         if status == 409:
             raise Conflict(message, job_id=body.job_id if body else None)
         if status == 503:

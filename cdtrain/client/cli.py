@@ -1,4 +1,4 @@
-"""``cdtrain submit | status | list | watch``: the service's HTTP API from the command line.
+"""``cdtrain submit | status | list | watch | cancel``: the service's HTTP API from the command line.
 
 Wire into ``cdtrain/cli.py`` like the ML commands::
 
@@ -8,8 +8,9 @@ Wire into ``cdtrain/cli.py`` like the ML commands::
 Each parser sets ``runner=run``. Importing this module loads neither aiohttp nor torch; the
 environment (``CDTRAIN_URL``, ``CDTRAIN_API_TOKEN``) is read only in :func:`run`.
 
-Exit codes: 0 done (``watch``: the job SUCCEEDED), 1 the job FAILED or was CANCELLED, 2 bad
-input, unknown job, refused token or unreachable service, 3 the service is unavailable (503,
+Exit codes: 0 done (``watch``: the job SUCCEEDED; ``cancel``: the cancel was accepted), 1 the job
+FAILED or was CANCELLED, 2 bad input, unknown job, a job that already ended (``cancel``), refused
+token or unreachable service, 3 the service is unavailable (503,
 retry later) or answered something unexpected.
 """
 
@@ -30,7 +31,7 @@ EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
-COMMANDS = ("submit", "status", "list", "watch")
+COMMANDS = ("submit", "status", "list", "watch", "cancel")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     watch = subparsers.add_parser("watch", help="follow a job live until it ends (exit 0 if it succeeded)")
     watch.add_argument("job_id", metavar="JOB_ID")
     _common(watch, "watch")
+
+    cancel = subparsers.add_parser("cancel", help="cancel a queued or running job (it ends CANCELLED)")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("--json", action="store_true", help="print the service's answer as JSON")
+    _common(cancel, "cancel")
 
 
 def _common(parser: argparse.ArgumentParser, command: str) -> None:
@@ -112,6 +118,8 @@ def describe(exc: Exception) -> tuple[str, int]:
         return f"the service is unavailable (HTTP 503): {exc}{retry}", EXIT_UNAVAILABLE
     if isinstance(exc, (errors.StreamInterrupted, errors.UnexpectedResponse)):
         return str(exc), EXIT_UNAVAILABLE
+    if isinstance(exc, errors.JobEnded):
+        return str(exc), EXIT_BAD_INPUT
     if isinstance(exc, errors.Conflict) and exc.job_id:
         return f"{exc} (existing job {exc.job_id})", EXIT_BAD_INPUT
     return str(exc), EXIT_BAD_INPUT

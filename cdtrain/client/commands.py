@@ -1,4 +1,4 @@
-"""The four commands as coroutines over :class:`~cdtrain.client.api.ApiClient`; ``cli.run`` drives them."""
+"""The client commands as coroutines over :class:`~cdtrain.client.api.ApiClient`; ``cli.run`` drives them."""
 
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ async def status(settings: ClientSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cancel(settings: ClientSettings, args: argparse.Namespace) -> int:
+    async with ApiClient(settings) as api:
+        answer = await api.cancel(args.job_id)
+    _out(answer.model_dump_json(indent=2) if args.json else answer.message)
+    return EXIT_OK
+
+
 async def list_jobs(settings: ClientSettings, args: argparse.Namespace) -> int:
     async with ApiClient(settings) as api:
         page = await api.list(status=args.status, limit=args.limit, cursor=args.cursor)
@@ -95,5 +102,5 @@ class _ProgressPrinter:
 
 
 COMMANDS: dict[str, Callable[[ClientSettings, argparse.Namespace], Awaitable[int]]] = {
-    "submit": submit, "status": status, "list": list_jobs, "watch": watch,
+    "submit": submit, "status": status, "list": list_jobs, "watch": watch, "cancel": cancel,
 }

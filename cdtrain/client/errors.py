@@ -42,11 +42,20 @@ class JobNotFound(ApiError):
 
 
 class Conflict(ApiError):
-    """409: the idempotency key was used before for a different request."""
+    """409: the idempotency key was used before for a different request (or, as
+    :class:`JobEnded`, a cancel of a job that already ended)."""
 
     def __init__(self, message: str, *, job_id: str | None) -> None:
         super().__init__(message, status=409)
         self.job_id = job_id
+
+
+class JobEnded(Conflict):
+    """409 on a cancel: the job already ended; ``state`` is how (SUCCEEDED, FAILED, CANCELLED)."""
+
+    def __init__(self, message: str, *, job_id: str | None, state: str | None) -> None:
+        super().__init__(message, job_id=job_id)
+        self.state = state
 
 
 class ServiceUnavailable(ApiError):

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from cdtrain.client.api import ApiClient
 from cdtrain.client.errors import ApiError, ServiceUnavailable, ServiceUnreachable, StreamInterrupted
 from cdtrain.client.models import EndFrame, JobView, StatusEvent, StatusFrame, ViewFrame
+from schemas.events import STICKY_FIELDS
 from schemas.jobs import EpochMetrics, JobPhase, JobState
 
 OnUpdate = Callable[[JobView, StatusEvent | None], None]
 """Called with the new view, and the event that made it (None when a whole view arrived)."""
 
-_STICKY = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias")
 _RETRYABLE = (StreamInterrupted, ServiceUnreachable, ServiceUnavailable)
 
 
@@ -77,7 +77,7 @@ def advance(view: JobView, event: StatusEvent) -> JobView:
         "state": data.state, "phase": data.phase, "updated_at": event.time, "last_sequence": data.sequence,
         "error": data.error if data.state in (JobState.FAILED, JobState.CANCELLED) else None,
     }
-    update.update({name: getattr(data, name) for name in _STICKY if getattr(data, name) is not None})
+    update.update({name: getattr(data, name) for name in STICKY_FIELDS if getattr(data, name) is not None})
     if data.metrics is not None:
         update["metrics"] = dict(data.metrics)
         if data.state is JobState.SUCCEEDED:

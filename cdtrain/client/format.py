@@ -103,6 +103,8 @@ def status_text(view: JobView) -> str:
         ("val F1", f"{number(f1)} (epoch {f1_epoch})" if f1 is not None else None),
         ("best", best_text(view.best_metrics) if view.best_metrics else None),
         ("error", view.error),
+        # Until its worker has stopped it, a cancelled job still shows its old state.
+        ("cancel", _cancel_text(view)),
         ("dataset", view.request.dataset_uri if view.request else None),
         ("config", view.request.config_uri if view.request else None),
         ("submitted", f"{utc(view.submitted_at)}" + (f" ({view.source})" if view.source else "")),
@@ -112,6 +114,12 @@ def status_text(view: JobView) -> str:
     return "\n".join(f"{name:<11}{value}" for name, value in rows if value)
 
 
+def _cancel_text(view: JobView) -> str | None:
+    if view.cancel_requested_at is None:
+        return None
+    return f"requested {utc(view.cancel_requested_at)}" + ("" if view.state.is_terminal else "; not stopped yet")
+
+
 def _facts(view: JobView) -> list[tuple[str, str]]:
     facts = []
     if view.mlflow_run_id:
@@ -119,6 +127,8 @@ def _facts(view: JobView) -> list[tuple[str, str]]:
     if view.model_version:
         alias = f" (alias {view.model_alias})" if view.model_alias else ""
         facts.append(("model", f"{view.model_name or '?'} version {view.model_version}{alias}"))
+        if view.model_decision:  # why it did (not) reach production
+            facts.append(("promotion", view.model_decision))
     elif view.request is not None and view.request.register_model and not view.state.is_terminal:
         facts.append(("model", f"{view.request.model_name} (registered when training succeeds)"))
     return facts

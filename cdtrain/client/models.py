@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ingress.models import Accepted, ErrorBody, FieldProblem, JobList
+from ingress.models import Accepted, CancelAccepted, ErrorBody, FieldProblem, JobList
 from schemas.events import StatusEvent
 from schemas.jobs import JobState, JobView
 
-__all__ = ["Accepted", "EndFrame", "ErrorBody", "FieldProblem", "JobList", "JobView", "StatusEvent",
+__all__ = ["Accepted", "CancelAccepted", "EndFrame", "ErrorBody", "FieldProblem", "JobList", "JobView", "StatusEvent",
            "StatusFrame", "StreamFrame", "ViewFrame"]
 
 

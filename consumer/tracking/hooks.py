@@ -275,6 +275,11 @@ class MlflowHooks(TrainerHooks):
         if result.best:
             values.update({f"best_val_{k}": v for k, v in result.best.items() if k != "epoch" and _is_number(v)})
             values["best_epoch"] = best_epoch
+        if result.val_at_threshold:
+            # The decision threshold tuned on validation, and the validation scores at it.
+            values.update({f"tuned_val_{k}": v for k, v in result.val_at_threshold.items()
+                           if k != "threshold" and _is_number(v)})
+            values["threshold"] = result.threshold
         if result.test:
             values.update({f"test_{k}": v for k, v in result.test.items() if _is_number(v)})
         metrics = [Metric(k, float(v), now, best_epoch) for k, v in values.items()]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
+from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -13,6 +15,7 @@ from snunet_cbam.hooks import TrainResult
 
 from .hooks import MlflowHooks
 from .model import log_best_model
+from .promotion import DEFAULT_PROMOTION_MARGIN, PromotionJudge, validation_scorer
 from .registry import register_and_promote
 from .runs import ensure_experiment, mlflow_run_status, start_job_run
 
@@ -24,10 +27,13 @@ FAILURE_TAG = "failure_reason"
 class MlflowJobTracker:
     """Implements ``consumer.worker.JobTracker``; every method blocks and runs in a worker thread."""
 
-    def __init__(self, client: MlflowClient, experiment: str = "cdtrain", artifact_location: str | None = None) -> None:
+    def __init__(self, client: MlflowClient, experiment: str = "cdtrain", artifact_location: str | None = None,
+                 *, promotion_margin: float = DEFAULT_PROMOTION_MARGIN) -> None:
         self.client = client
         self.experiment = experiment
         self.artifact_location = artifact_location
+        # Quality gate: a model is promoted only above its split's all-change F1 + this margin.
+        self.promotion_margin = promotion_margin
         self._hooks: dict[str, MlflowHooks] = {}
         self._lock = threading.Lock()
 
@@ -56,16 +62,26 @@ class MlflowJobTracker:
                 log.warning("run %s: %d MLflow call(s) failed, %d step metric(s) dropped",
                             run_id, health.errors, health.dropped_step_metrics)
 
-    def finish(self, run_id: str, result: TrainResult, job: TrainJob) -> RegisteredModel | None:
+    def finish(self, run_id: str, result: TrainResult, job: TrainJob, data_dir: Path,
+               config: TrainConfig) -> RegisteredModel | None:
         self._close_hooks(run_id)
         logged = log_best_model(self.client, run_id, result.best_checkpoint)
         registered = None
         if job.request.register_model:
-            outcome = register_and_promote(self.client, run_id, job.request.model_name, result.best["f1"],
-                                           model_id=logged.model_id)
-            registered = RegisteredModel(version=str(outcome.version), alias=outcome.alias)
+            registered = self._register(run_id, result, job, data_dir, config, logged.model_id)
         self.client.set_terminated(run_id, mlflow_run_status(result.status))
         return registered
+
+    def _register(self, run_id: str, result: TrainResult, job: TrainJob, data_dir: Path, config: TrainConfig,
+                  model_id: str) -> RegisteredModel:
+        """Register, and promote only past the quality gate and over a champion scored on this
+        job's validation split (consumer/tracking/promotion.py)."""
+        with tempfile.TemporaryDirectory(prefix="cdtrain-champion-") as champions:
+            judge = PromotionJudge(self.client, result.best_checkpoint, validation_scorer(data_dir, config),
+                                   margin=self.promotion_margin, work_dir=Path(champions))
+            outcome = register_and_promote(self.client, run_id, job.request.model_name, result.best["f1"],
+                                           judge=judge, model_id=model_id, tags={"job_id": job.job_id})
+        return RegisteredModel(version=str(outcome.version), alias=outcome.alias, decision=outcome.reason)
 
     def fail(self, run_id: str, reason: str) -> None:
         self._close_hooks(run_id)

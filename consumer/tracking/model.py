@@ -12,6 +12,11 @@ size-dependent branch, and the export runs with torch's "size-oblivious" sizes s
 multiples of 16 are not baked in. Before anything is uploaded the saved model is loaded back and
 checked against the eager module at the example size and at an odd size; ``dynamic_hw`` records
 the outcome.
+
+The checkpoint itself goes into the run too, as ``checkpoint/best.pt``: the pyfunc model cannot
+be scored with the training's own protocol (sliding windows, blending, TTA, its tuned threshold),
+and the registry needs exactly that to score a production model on a new job's data
+(``consumer/tracking/promotion.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-from snunet_cbam.checkpoint import model_from_checkpoint
+from snunet_cbam.checkpoint import decision_threshold, load_checkpoint, model_from_checkpoint, save_model_checkpoint
 from snunet_cbam.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
 from .hooks import config_params
@@ -42,6 +47,8 @@ from .hooks import config_params
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "snunet-cbam-change-detection"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/best.pt"  # run artifact: the checkpoint a logged model came from
 MIN_SIDE = 16  # the padding is a reflection, which needs the side to exceed the pad (<= 15)
 _MULTIPLE = 16  # four 2x poolings
 _CHECK_SHAPE = (2, 6, 40, 56)  # odd batch/height/width the export must also handle
@@ -90,6 +97,18 @@ class LoggedModelInfo:
     val_f1: float | None  # validation F1 of the checkpoint (its epoch's), None if unknown
     epoch: int | None
     seconds: float
+    checkpoint_artifact: str = CHECKPOINT_ARTIFACT  # the checkpoint, as an artifact of ``run_id``
+
+
+def log_checkpoint(client: MlflowClient, run_id: str, checkpoint_path: Path | str) -> str:
+    """Upload the checkpoint's model (weights, config, threshold; no optimiser state) as
+    ``checkpoint/best.pt`` of ``run_id``; returns that artifact path."""
+    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    with tempfile.TemporaryDirectory(prefix="cdtrain-ckpt-") as tmp:
+        staged = Path(tmp) / CHECKPOINT_ARTIFACT.rsplit("/", 1)[1]
+        save_model_checkpoint(state, staged)
+        client.log_artifact(run_id, str(staged), CHECKPOINT_DIR)
+    return CHECKPOINT_ARTIFACT
 
 
 def default_input_example(size: int = 64, seed: int = 0) -> np.ndarray:
@@ -151,7 +170,9 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: Path | st
     Uses only ``client`` (no fluent API, no global tracking URI): the logged model is created in
     the run's experiment, saved locally with ``mlflow.pytorch.save_model`` (pt2, signature,
     input example), verified, uploaded, linked to the run as an output (step = the checkpoint's
-    epoch) and marked READY. Raises on failure (the logged model is then marked FAILED).
+    epoch) and marked READY. The checkpoint file is logged first as the run's
+    ``checkpoint/best.pt``, so every READY model can be scored again later. Raises on failure (the
+    logged model is then marked FAILED).
     """
     import mlflow.pytorch
 
@@ -174,13 +195,17 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: Path | st
     metadata = {
         "input": "float32 (N, 6, H, W): RGB of date A then date B on channels, raw 0-255 values",
         "output": f"float32 (N, 1, H, W): change {output}",
-        "min_side": MIN_SIDE, "normalize": config.normalize, "threshold": config.threshold,
+        # The threshold tuned on validation at the end of the run (the config's when none was).
+        "min_side": MIN_SIDE, "normalize": config.normalize, "threshold": decision_threshold(state, config),
         "base_channel": config.base_channel, "use_attention": config.use_attention,
         "checkpoint_epoch": epoch, "val_f1": val_f1,
     }
     model_tags = {"output": output, **({"val_f1": repr(val_f1)} if val_f1 is not None else {}), **(tags or {})}
 
     run = client.get_run(run_id)
+    # Before the model: a READY model whose checkpoint is missing could never be judged against a
+    # challenger, so a failed upload fails the whole call.
+    log_checkpoint(client, run_id, checkpoint_path)
     logged = client.create_logged_model(
         experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
         params=config_params(config.model_dump()), tags=model_tags, model_type=MODEL_TYPE,

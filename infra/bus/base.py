@@ -160,6 +160,20 @@ class MessageBus(abc.ABC):
                                model: type[Any] | None = None) -> Subscription:
         """Live watcher: events whose routing key matches ``binding_key``, in order."""
 
+    # Control commands (cancel) are fire-and-forget: published without ``mandatory`` (no worker
+    # listening is normal), confirmed by the broker, delivered to every matching subscriber.
+    # Not abstract so that wrappers written before them (test doubles) still instantiate.
+    async def publish_control(self, payload: BaseModel, routing_key: str, *,
+                              message_id: str | None = None) -> str:
+        """Publish a command with routing key ``cancel.<job_id>`` on the control exchange."""
+        raise NotImplementedError(f"{type(self).__name__} has no control channel")
+
+    async def subscribe_control(self, binding_key: str, handler: Handler[Any], *,
+                                model: type[Any] | None = None) -> Subscription:
+        """Commands whose routing key matches ``binding_key``, in order, on a queue of this
+        subscriber's own that lives as long as its connection (a failing handler loses one)."""
+        raise NotImplementedError(f"{type(self).__name__} has no control channel")
+
     @abc.abstractmethod
     async def request_backlog(self) -> int:
         """Requests waiting in the queue (not counting those being processed)."""

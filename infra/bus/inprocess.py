@@ -146,6 +146,7 @@ class MemoryBroker:
         self.requests = _MemQueue(self.topology.delivery_limit)
         self.projector = _MemQueue(self.topology.projector_delivery_limit)
         self.watchers: list[tuple[str, _MemQueue]] = []
+        self.controls: list[tuple[str, _MemQueue]] = []  # one queue per control subscriber
 
 
 class InProcessBus(MessageBus):
@@ -191,6 +192,21 @@ class InProcessBus(MessageBus):
                 queue.put(_Envelope(env.body, env.message_id, routing_key, dict(env.headers)))
         return env.message_id
 
+    async def publish_control(self, payload: BaseModel, routing_key: str, *,
+                              message_id: str | None = None) -> str:
+        self._check_open()
+        env = _envelope(payload, routing_key, message_id, None)
+        for binding, queue in self.broker.controls:  # no subscriber: dropped, as on RabbitMQ
+            if topic_matches(binding, routing_key):
+                queue.put(_Envelope(env.body, env.message_id, routing_key, {}))
+        return env.message_id
+
+    async def subscribe_control(self, binding_key: str, handler: Handler[Any], *,
+                                model: type[Any] | None = None) -> Subscription:
+        # Validates the binding key exactly as the RabbitMQ control queue would.
+        self.topology.control_queue(binding_key, subscriber_id="check")
+        return self._subscribe(self.broker.controls, binding_key, handler, model, f"control {binding_key}")
+
     async def consume_requests(self, handler: Handler[Any], *, model: type[Any] | None = None,
                                prefetch: int = 1) -> Subscription:
         return self._consume(self.broker.requests, handler, model, prefetch, "requests",
@@ -205,12 +221,16 @@ class InProcessBus(MessageBus):
                                model: type[Any] | None = None) -> Subscription:
         # Validates the binding key exactly as the RabbitMQ watcher queue would.
         self.topology.watcher_queue(binding_key, watcher_id="check")
+        return self._subscribe(self.broker.watchers, binding_key, handler, model, f"watch {binding_key}")
+
+    def _subscribe(self, entries: list, binding_key: str, handler: Handler[Any], model: type[Any] | None,
+                   source: str) -> Subscription:
+        """A live subscriber's own queue, bound by a topic key; dropped with the subscription."""
         queue = _MemQueue(delivery_limit=None)
         entry = (binding_key, queue)
-        sub = self._consume(queue, handler, model, 1, f"watch {binding_key}",
-                            claim_timeout=None, on_error="drop",
-                            on_close=lambda: self.broker.watchers.remove(entry))
-        self.broker.watchers.append(entry)
+        sub = self._consume(queue, handler, model, 1, source, claim_timeout=None, on_error="drop",
+                            on_close=lambda: entries.remove(entry))
+        entries.append(entry)
         return sub
 
     def _consume(self, queue: _MemQueue, handler: Handler[Any], model: type[Any] | None,

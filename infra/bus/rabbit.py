@@ -130,9 +130,16 @@ class RabbitBus(MessageBus):
         return await self._publish(self.topology.status_exchange.name, routing_key, payload,
                                    message_id, headers, content_type)
 
+    async def publish_control(self, payload: BaseModel, routing_key: str, *,
+                              message_id: str | None = None) -> str:
+        # Not mandatory: with no worker running nothing is bound, and that is fine (the job
+        # view holds the cancellation; the worker that claims the job reads it).
+        return await self._publish(self.topology.control_exchange.name, routing_key, payload,
+                                   message_id, None, None, mandatory=False)
+
     async def _publish(self, exchange_name: str, routing_key: str, payload: BaseModel,
                        message_id: str | None, headers: Mapping[str, Any] | None,
-                       content_type: str | None) -> str:
+                       content_type: str | None, *, mandatory: bool = True) -> str:
         body = encode(payload)
         await self.connect()
         self._require()
@@ -145,7 +152,7 @@ class RabbitBus(MessageBus):
             async with asyncio.timeout(self.settings.publish_timeout):
                 # mandatory: a message no queue takes is an error, not a silent drop.
                 await self._declared[exchange_name].publish(message, routing_key,
-                                                            mandatory=True)
+                                                            mandatory=mandatory)
         except _Unroutable as exc:
             raise BusUnavailable(f"RabbitMQ at {self._where} could not route {routing_key!r} "
                                  f"on {exchange_name!r} to any queue") from exc
@@ -171,6 +178,13 @@ class RabbitBus(MessageBus):
         spec = self.topology.watcher_queue(binding_key, watcher_id=uuid.uuid4().hex)
         return await self._consume(spec, handler, model, _WATCHER_PREFETCH,
                                    source=f"watch {binding_key}", on_error="drop",
+                                   flow_control=False)
+
+    async def subscribe_control(self, binding_key: str, handler: Handler[Any], *,
+                                model: type[Any] | None = None) -> Subscription:
+        spec = self.topology.control_queue(binding_key, subscriber_id=uuid.uuid4().hex)
+        return await self._consume(spec, handler, model, _WATCHER_PREFETCH,
+                                   source=f"control {binding_key}", on_error="drop",
                                    flow_control=False)
 
     async def _consume(self, spec: QueueSpec, handler: Handler[Any], model: type[Any] | None,

@@ -16,7 +16,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from infra.views.merge import ViewUpdate, check_limit, decode_cursor, doc_to_view, encode_cursor, plan_update
+from infra.views.merge import (
+    ViewUpdate,
+    cancel_fields,
+    check_limit,
+    decode_cursor,
+    doc_to_view,
+    encode_cursor,
+    may_request_cancel,
+    plan_update,
+)
 from schemas.events import StatusEvent
 from schemas.jobs import JobState, JobView
 
@@ -45,6 +54,16 @@ class InMemoryJobViewStore:
             if changed:
                 self._save()
         return advanced
+
+    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> JobView | None:
+        with self._lock:
+            doc = self._docs.get(job_id)
+            if doc is None:
+                return None
+            if may_request_cancel(doc):
+                doc.update(cancel_fields(at, reason))
+                self._save()
+            return doc_to_view(doc)
 
     @staticmethod
     def _advance(doc: dict[str, Any], plan: ViewUpdate) -> bool:

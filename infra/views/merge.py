@@ -17,9 +17,15 @@ Ordering policy (the part every backend must agree on):
    newer than the stored one for that epoch. Both are conditional, idempotent writes.
 4. **Fields.** ``state``, ``phase``, ``error`` and ``updated_at`` describe the newest event and
    are overwritten (``None`` included). Every other progress field (epoch, epochs, step,
-   metrics, mlflow_run_id, model_version, model_alias) keeps its last non-null value, so
-   publishers repeat known facts on later events (see :mod:`schemas.events`). SUCCEEDED's
-   metrics become both ``metrics`` and ``best_metrics``.
+   metrics, mlflow_run_id, model_version, model_alias, model_decision) keeps its last non-null
+   value, so publishers repeat known facts on later events (see :mod:`schemas.events`).
+   SUCCEEDED's metrics become both ``metrics`` and ``best_metrics``.
+5. **A cancel request is recorded once, and never on a job that ended.** ``DELETE /train/{id}``
+   sets ``cancel_requested_at``/``cancel_reason`` in one conditional write that matches only a
+   view whose state is not terminal and that has no request yet (:func:`may_request_cancel`).
+   No event touches those fields, so the record survives every later event, and a late DELETE
+   can never turn a SUCCEEDED/FAILED job into anything else. The job's *state* still comes
+   from events only: its worker publishes CANCELLED when it has stopped (rule 1 applies).
 
 Storage documents (shared by the Mongo and in-memory stores): the JobView fields, ``_id`` equal
 to ``job_id``, and ``history`` as ``{"<epoch>": {"epoch", "sequence", "time", "metrics"}}`` so
@@ -35,11 +41,27 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from schemas.events import StatusEvent
-from schemas.jobs import JobPhase, JobState, JobView
+from schemas.events import STICKY_FIELDS, StatusEvent
+from schemas.jobs import TERMINAL_STATES, JobPhase, JobState, JobView
 
-# Fields that keep their last non-null value (point 4 above).
-STICKY_FIELDS = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias")
+
+# Rule 5: the terminal states that refuse a cancel request, and the fields it sets.
+_TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL_STATES))
+
+
+def cancel_fields(at: datetime, reason: str) -> dict[str, Any]:
+    return {"cancel_requested_at": at, "cancel_reason": reason}
+
+
+def may_request_cancel(doc: dict[str, Any]) -> bool:
+    """Rule 5 on a stored document (the in-memory store; Mongo uses :func:`cancel_filter`)."""
+    return doc.get("state") not in _TERMINAL_VALUES and doc.get("cancel_requested_at") is None
+
+
+def cancel_filter(job_id: str) -> dict[str, Any]:
+    """Rule 5 as a MongoDB filter (``None`` also matches a missing field)."""
+    return {"$and": [{"_id": job_id}, {"state": {"$nin": list(_TERMINAL_VALUES)}},
+                     {"cancel_requested_at": None}]}
 
 
 class InvalidCursor(ValueError):

@@ -7,14 +7,23 @@ processed position (``last_sequence``), as an event-sourcing projector does; see
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-from infra.views.merge import ViewUpdate, check_limit, decode_cursor, doc_to_view, encode_cursor, plan_update
+from infra.views.merge import (
+    ViewUpdate,
+    cancel_fields,
+    cancel_filter,
+    check_limit,
+    decode_cursor,
+    doc_to_view,
+    encode_cursor,
+    plan_update,
+)
 from schemas.events import StatusEvent
 from schemas.jobs import JobState, JobView
 
@@ -70,6 +79,13 @@ class MongoJobViewStore:
                 return True
         await self._merge_stale(plan)
         return False
+
+    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> JobView | None:
+        doc = await self._col.find_one_and_update(cancel_filter(job_id), {"$set": cancel_fields(at, reason)},
+                                                  return_document=ReturnDocument.AFTER)
+        if doc is None:  # unknown, ended, or already requested: the view as it is
+            doc = await self._col.find_one({"_id": job_id})
+        return doc_to_view(doc) if doc is not None else None
 
     async def _merge_stale(self, plan: ViewUpdate) -> None:
         if plan.submission is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from schemas.events import StatusEvent
@@ -17,6 +18,11 @@ class JobViewStore(Protocol):
         ...
 
     async def get(self, job_id: str) -> JobView | None: ...
+
+    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> JobView | None:
+        """Record a cancel request unless the job ended or one is recorded (one conditional write,
+        rule 5 of :mod:`infra.views.merge`); the view afterwards, None for an unknown job."""
+        ...
 
     async def list(
         self, limit: int = 50, cursor: str | None = None, state: JobState | str | None = None

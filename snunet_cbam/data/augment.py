@@ -50,7 +50,7 @@ class AugmentParams:
     rotate90_prob: float = 0.5
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
-    swap_prob: float = 0.5
+    swap_prob: float = 0.0
     color_jitter_prob: float = 0.5
     brightness: float = 0.2
     contrast: float = 0.2

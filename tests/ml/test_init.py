@@ -48,3 +48,23 @@ def test_the_spatial_gate_has_its_own_switch():
     assert not hasattr(plain, "ca_inter") and not hasattr(plain, "spatial")
     with pytest.raises(ValueError, match="change_prior"):
         SNUNetCBAM(base_channel=8, change_prior=1.0)
+
+
+@pytest.mark.slow
+def test_the_seed_that_stalled_learns_with_the_shipped_recipe(levir_samples, tmp_path):
+    """Seed 1 of the shipped recipe stayed at the all-change F1 (0.267) from its first epoch with
+    the old initialisation. A short CPU run of the same recipe must leave it far behind."""
+    from snunet_cbam.config import load_config
+    from snunet_cbam.trainer import Trainer
+
+    from .conftest import REPO
+
+    config = load_config(REPO / "config" / "train_config.yaml", {
+        "seed": 1, "epochs": 6, "base_channel": 8, "crop_size": 128, "batch_size": 4, "train_split": "all",
+        "val_split": "all", "test_split": None, "skip_invalid": True, "num_workers": 0, "window_size": None,
+        "compile": False, "amp": False, "device": "cpu", "tune_threshold": False,
+    })
+    result = Trainer(config, levir_samples, tmp_path).fit()
+    all_change = 0.267  # of the eleven valid tiles (bench/seed_table.py prints it)
+    f1s = [h["val"]["f1"] for h in result.history]
+    assert max(f1s) > all_change + 0.1, f1s

@@ -197,3 +197,11 @@ def test_step_metrics_are_read_from_the_device_every_n_steps(levir_samples, tmp_
     assert [s.steps for s in log.steps] == [3, 3, 3, 3, 2]
     # A handful of reads per report and per epoch (the sampler's order, validation), not per step.
     assert counter.during_training < 2 * steps, reads
+
+
+def test_a_diverged_run_stops_with_a_clear_error_instead_of_training_on_nan(levir_samples, tmp_path):
+    from snunet_cbam.trainer import NonFiniteLossError
+
+    config = tiny_config(epochs=2, lr=1e30, warmup_ratio=0, scheduler="constant", log_every_steps=1)
+    with pytest.raises(NonFiniteLossError, match="training loss is nan"):
+        Trainer(config, levir_samples, tmp_path).fit()
