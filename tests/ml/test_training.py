@@ -205,3 +205,20 @@ def test_a_diverged_run_stops_with_a_clear_error_instead_of_training_on_nan(levi
     config = tiny_config(epochs=2, lr=1e30, warmup_ratio=0, scheduler="constant", log_every_steps=1)
     with pytest.raises(NonFiniteLossError, match="training loss is nan"):
         Trainer(config, levir_samples, tmp_path).fit()
+
+
+def test_the_weight_average_is_what_is_validated_checkpointed_and_exported(levir_samples, tmp_path):
+    from snunet_cbam.checkpoint import model_from_checkpoint
+
+    config = tiny_config(epochs=2, ema_decay=0.9, tune_threshold=False)
+    result = Trainer(config, levir_samples, tmp_path).fit()
+    state = torch.load(tmp_path / "best.pt", weights_only=False)
+    averaged, trained = state["ema"]["model"], state["model"]
+    assert any(not torch.equal(averaged[k], trained[k]) for k in trained if trained[k].is_floating_point())
+    model, _, _ = model_from_checkpoint(tmp_path / "best.pt")
+    assert all(torch.equal(v, averaged[k]) for k, v in model.state_dict().items())
+    # The best epoch's validation F1 is the average's: scoring the exported weights the same way
+    # (no flips, threshold 0.5) gives it back.
+    evaluated = evaluate_checkpoint(tmp_path / "best.pt", levir_samples, split="demo", device="cpu",
+                                    settings=config.model_copy(update={"tta": "none"}))
+    assert evaluated["f1"] == pytest.approx(result.best["f1"], abs=1e-9)
