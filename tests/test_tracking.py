@@ -238,7 +238,12 @@ def test_logged_model_is_pt2_with_signature_and_belongs_to_the_run(store, traine
     assert logged.checkpoint_artifact == CHECKPOINT_ARTIFACT == "checkpoint/best.pt"
     assert [a.path for a in client.list_artifacts(trained.run_id, "checkpoint")] == [CHECKPOINT_ARTIFACT]
     fetched = fetch_checkpoint(client, trained.run_id, tmp_path / "fetched")
-    assert fetched.read_bytes() == trained.result.best_checkpoint.read_bytes()
+    # The model alone: the validated weights, the config and the threshold, no optimiser state.
+    _, fetched_config, fetched_state = model_from_checkpoint(fetched)
+    assert fetched_config == config and decision_threshold(fetched_state, fetched_config) == decision_threshold(state, config)
+    assert fetched_state["epoch"] == state["epoch"] and "optimizer" not in fetched_state
+    assert all(torch.equal(v, state["model"][k]) for k, v in fetched_state["model"].items())
+    assert fetched.stat().st_size < trained.result.best_checkpoint.stat().st_size / 2
 
 
 @pytest.mark.slow
