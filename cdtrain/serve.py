@@ -83,7 +83,8 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
             from consumer.watchdog import Watchdog
 
             bus = await connected_bus()
-            watchdog = Watchdog(bus, views, stale_after=settings.stale_after, source=_source("watchdog"))
+            watchdog = Watchdog(bus, views, stale_after=settings.stale_after, step_stall=settings.step_stall,
+                                job_deadline=settings.job_deadline, source=_source("watchdog"))
             tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop)))
         if "consumer" in roles:
             if "ingress" not in roles and not ingress_settings.view_store_url.startswith("mongodb"):

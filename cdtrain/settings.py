@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingress.settings import IngressSettings
+from schemas.jobs import DEFAULT_DEADLINE_S
 
 # Variables read here, beyond those of IngressSettings (ingress/settings.py, ENV_VARS).
 SERVICE_ENV_VARS = {
@@ -24,6 +25,11 @@ SERVICE_ENV_VARS = {
     "CDTRAIN_HEARTBEAT_S": "seconds between a running job's heartbeats, and between its worker's reads of the "
                            "job view for a cancel request (default 30)",
     "CDTRAIN_STALE_AFTER_S": "silence after which the watchdog re-queues a job (default 600)",
+    "CDTRAIN_STEP_STALL_S": "time without a new training step after which the watchdog re-queues a job in phase "
+                            "training though its worker still beats (a hung training thread; default 1800; must "
+                            "exceed the longest validation pass and first-step compile)",
+    "CDTRAIN_JOB_DEADLINE_S": "seconds from submission after which the watchdog ends a job FAILED and stops its "
+                              "worker, unless the train request sets deadline_s (default 604800, 7 days)",
     "CDTRAIN_WORKER_CONFIG": "YAML mapping applied over every job's config on this worker, e.g. '{num_workers: 8}'",
     "CDTRAIN_ALLOW_LOCAL_PATHS": "let jobs read file:// datasets (default: only in the embedded mode)",
     "CDTRAIN_PROMOTION_MARGIN": "quality gate of the registry: a model reaches production only with an F1 above "
@@ -40,6 +46,10 @@ class ServiceSettings(BaseModel):
     mlflow_experiment: str = "cdtrain"
     heartbeat_interval: float = Field(30.0, gt=0)
     stale_after: float = Field(600.0, gt=0)
+    step_stall: float = Field(1800.0, gt=0)
+    # 7 days: far above a GPU run of the shipped recipe (hours) plus a long wait in the queue,
+    # short enough that a job nobody watches does not hold a GPU or a queue slot for weeks.
+    job_deadline: float = Field(float(DEFAULT_DEADLINE_S), gt=0)
     worker_config: dict[str, Any] = Field(default_factory=dict)
     allow_local_paths: bool = False
     # The worker's quality gate (consumer/tracking/promotion.py): absolute F1 above the all-change
@@ -79,6 +89,8 @@ class ServiceSettings(BaseModel):
             mlflow_experiment=env.get("CDTRAIN_MLFLOW_EXPERIMENT", "cdtrain"),
             heartbeat_interval=env.get("CDTRAIN_HEARTBEAT_S", 30.0),
             stale_after=env.get("CDTRAIN_STALE_AFTER_S", 600.0),
+            step_stall=env.get("CDTRAIN_STEP_STALL_S", 1800.0),
+            job_deadline=env.get("CDTRAIN_JOB_DEADLINE_S", float(DEFAULT_DEADLINE_S)),
             worker_config=worker_config,
             promotion_margin=env.get("CDTRAIN_PROMOTION_MARGIN", 0.10),
             allow_local_paths=(allow_local.lower() in ("1", "true", "yes", "on")) if allow_local

@@ -56,6 +56,10 @@ class ViewCancellations:
         # leaves SUCCEEDED as it is; duplicates of finished jobs are a lease's job, not ours).
         if view.cancel_requested_at is not None and not view.state.is_terminal:
             return view.cancel_reason or CANCELLED_BY_REQUEST
+        # FAILED by the watchdog at the job's deadline (consumer/watchdog.py, end_overdue): the
+        # view holds the stop request too, for the worker still running it or one that claims it.
+        if view.cancel_requested_at is not None and view.state is JobState.FAILED:
+            return view.cancel_reason or CANCELLED_BY_REQUEST
         return None
 
 

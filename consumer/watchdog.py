@@ -1,27 +1,57 @@
 """Re-queues jobs whose worker went silent, so an accepted job is never lost.
 
 A claimed job (see consumer/worker.py) is no longer held by the broker; its worker proves it is
-alive with a status event at least every heartbeat interval. A STARTING or RUNNING view that has
-not moved for ``stale_after`` seconds lost its worker (crash, node gone): the watchdog publishes
+alive with a status event at least every heartbeat interval. A RUNNING job in phase ``training``
+whose step has not moved for ``step_stall`` seconds (``step_at``, rule 8 of
+:mod:`infra.views.merge`; a job whose trainer never reached a step counts from entering the
+phase) is lost too, though its worker still beats: a hung training thread. Other phases
+(downloading, evaluating, registering) make no steps and are judged by silence only; the
+per-epoch validation pass runs inside ``training``, so ``step_stall`` must exceed the longest
+validation pass. The hung worker is not told anything (its thread is stuck; a cancel would also
+reach the new attempt, which reads the same view): it stays busy until someone restarts it, and
+its late events carry the old attempt's sequence numbers, which the view ignores.
+
+A STARTING or RUNNING view that has not moved for ``stale_after`` seconds lost its worker (crash, node gone): the watchdog publishes
 the job again as a new attempt, or fails it after ``max_attempts``; a job whose cancel was
 requested (DELETE /train/{id}) is ended CANCELLED instead of being run again.
 
 ``stale_after`` should be many heartbeat intervals: a worker cut off from the broker for longer
 than that keeps training while the job is re-run elsewhere; the newer attempt's events win the
 view (higher sequence numbers), and the older one's are ignored.
+
+Every job also has a deadline (``deadline_s`` of its request, else ``job_deadline`` from
+``CDTRAIN_JOB_DEADLINE_S``, counted from submission): past it the job is ended FAILED, queued or
+running, and its worker is stopped through the cancel path (:meth:`Watchdog.end_overdue`).
+
+Silence is measured from ``heard_at``, the time the projector last projected an event of the job
+(rule 6 of :mod:`infra.views.merge`), never from the event's own time; and :meth:`Watchdog.run`
+sweeps only after ``caught_up`` is set, which :func:`consumer.roles.run_projector` does once the
+projector queue has been seen empty with no event being projected, twice in a row
+(``MessageBus.projector_backlog``: RabbitMQ's count of ready messages, the in-process queue's
+length). After an outage of the projector, its first sweep so sees the heartbeats that waited in
+the queue, instead of re-running every job that was alive all along.
+
+Two watchdogs (projector replicas) may judge the same view stale: each writes its decision (the
+QUEUED/FAILED/CANCELLED event of the next attempt) to the view with a compare-and-set on the
+``last_sequence`` it read (rule 7 of :mod:`infra.views.merge`) before publishing anything; only the
+one whose write matched publishes the request and the event, so a job is re-queued once. A job
+that spoke after it was read loses nothing: the write does not match, and it is not re-queued.
+The cost of writing first: a watchdog that dies between its write and its publish leaves the view
+QUEUED with no request in the queue (one confirmed publish later; not covered yet).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from infra.bus import MessageBus
+from infra.bus import BusUnavailable, MessageBus
 from infra.views import JobViewStore
-from schemas import JobState, JobView, StatusEvent, TrainJob, utc_now
-from schemas.control import CANCELLED_BY_REQUEST
-from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE
+from schemas import JobPhase, JobState, JobView, StatusEvent, TrainJob, utc_now
+from schemas.control import CANCELLED_BY_REQUEST, CancelCommand
+from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE, DEFAULT_DEADLINE_S
+from schemas.topology import cancel_routing_key
 
 
 log = logging.getLogger(__name__)
@@ -29,29 +59,101 @@ log = logging.getLogger(__name__)
 
 class Watchdog:
     def __init__(self, bus: MessageBus, views: JobViewStore, *, stale_after: float = 600.0,
-                 max_attempts: int = 3, source: str = "/cdtrain/watchdog") -> None:
+                 step_stall: float | None = 1800.0, max_attempts: int = 3,
+                 job_deadline: float = DEFAULT_DEADLINE_S, source: str = "/cdtrain/watchdog") -> None:
         self.bus = bus
         self.views = views
+        self.job_deadline = job_deadline
         self.stale_after = stale_after
+        self.step_stall = step_stall
         self.max_attempts = max_attempts
         self.source = source
 
-    async def stale_jobs(self) -> list[JobView]:
-        deadline = utc_now() - timedelta(seconds=self.stale_after)
-        stale: list[JobView] = []
+    def why_stale(self, view: JobView, now: datetime) -> str | None:
+        """Why a STARTING/RUNNING view counts as lost, in words; None while it is fine."""
+        if (view.heard_at or view.updated_at) < now - timedelta(seconds=self.stale_after):
+            return f"no status for {self.stale_after:g} s"
+        if (self.step_stall is not None and view.state is JobState.RUNNING and view.phase is JobPhase.TRAINING
+                and view.step_at is not None and view.step_at < now - timedelta(seconds=self.step_stall)):
+            at = f"at step {view.step}" if view.step is not None else "before its first step"
+            return f"no training step for {self.step_stall:g} s ({at}) though its worker still reports"
+        return None
+
+    async def stale_jobs(self) -> list[tuple[JobView, str]]:
+        now = utc_now()
+        stale: list[tuple[JobView, str]] = []
         for state in (JobState.STARTING, JobState.RUNNING):
             cursor: str | None = None
             while True:
                 views, cursor = await self.views.list(limit=200, cursor=cursor, state=state)
-                stale += [v for v in views if v.updated_at < deadline]
+                stale += [(v, why) for v in views if (why := self.why_stale(v, now)) is not None]
                 if cursor is None:
                     break
         return stale
 
+    def deadline_of(self, view: JobView) -> float:
+        if view.request is not None and view.request.deadline_s is not None:
+            return float(view.request.deadline_s)
+        return self.job_deadline
+
+    async def overdue_jobs(self, now: datetime) -> list[JobView]:
+        overdue: list[JobView] = []
+        for state in (JobState.QUEUED, JobState.STARTING, JobState.RUNNING):
+            cursor: str | None = None
+            while True:
+                views, cursor = await self.views.list(limit=200, cursor=cursor, state=state)
+                overdue += [v for v in views if v.submitted_at + timedelta(seconds=self.deadline_of(v)) < now]
+                if cursor is None:
+                    break
+        return overdue
+
+    async def end_overdue(self) -> list[str]:
+        """Fail every job past its deadline, queued or running, and tell its worker to stop.
+
+        In this order: (1) the cancel request in the view (rule 5 of :mod:`infra.views.merge`:
+        refused once the job ended, so before the FAILED), which a worker that claims the job
+        later, or that lost the command, reads (consumer/cancellation.py); (2) FAILED with the
+        deadline reason at the next attempt's first sequence number, written to the view by
+        this watchdog: of two watchdogs only the first write advances it (rule 1), and that one
+        alone publishes; the stopping worker's own CANCELLED comes with a lower sequence
+        number, so the view stays FAILED; (3) the FAILED event; (4) the cancel command, so a
+        running worker stops at its next step (lost: at its next heartbeat, from the view).
+        """
+        now = utc_now()
+        ended = []
+        for view in await self.overdue_jobs(now):
+            deadline = self.deadline_of(view)
+            passed = (view.submitted_at + timedelta(seconds=deadline)).strftime("%Y-%m-%d %H:%M:%SZ")
+            if view.request is not None and view.request.deadline_s is not None:
+                advice = "submit it again with a larger deadline_s"
+            else:
+                advice = ("set deadline_s on the train request (the server's default, CDTRAIN_JOB_DEADLINE_S, "
+                          "applied)")
+            reason = f"deadline of {deadline:g} s passed at {passed}; {advice}"
+            await self.views.request_cancel(view.job_id, now, reason)
+            sequence = (view.last_sequence // ATTEMPT_STRIDE + 1) * ATTEMPT_STRIDE
+            event = StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,
+                                        phase=view.phase, error=reason)
+            if not await self.views.apply(event):
+                continue  # another watchdog (or a newer attempt) got there first
+            await self.bus.publish_status(event, event.routing_key, message_id=event.id)
+            # Queued jobs too: a worker may have claimed it since the view was read.
+            command = CancelCommand(job_id=view.job_id, requested_at=now, reason=reason)
+            try:
+                await self.bus.publish_control(command, cancel_routing_key(view.job_id))
+            except BusUnavailable as exc:  # the view holds the request: the worker reads it
+                log.warning("job %s: stop command not confirmed (%s)", view.job_id, exc)
+            log.warning("job %s: %s", view.job_id, reason)
+            ended.append(view.job_id)
+        return ended
+
     async def sweep(self) -> list[str]:
         """One pass; returns the ids of the jobs it re-queued or failed."""
-        handled = []
-        for view in await self.stale_jobs():
+        handled = await self.end_overdue()
+        for view, why in await self.stale_jobs():
+            if view.job_id in handled:
+                continue
+            silent = why.startswith("no status")
             if view.request is None:
                 continue  # QUEUED never projected: nothing to re-publish from
             attempt = view.last_sequence // ATTEMPT_STRIDE + 1
@@ -60,26 +162,46 @@ class Watchdog:
                 # A user cancelled it and then its worker went silent: end it, never run it again.
                 event = StatusEvent.for_job(view.job_id, sequence, JobState.CANCELLED, source=self.source,
                                             phase=view.phase, error=view.cancel_reason or CANCELLED_BY_REQUEST)
+                if not await self._claim(view, event):
+                    continue
                 await self.bus.publish_status(event, event.routing_key, message_id=event.id)
             elif attempt >= self.max_attempts:
                 reason = (f"the worker running this job stopped responding {attempt} times "
-                          f"(no status for {self.stale_after:.0f} s); giving up")
+                          f"(no status for {self.stale_after:g} s); giving up" if silent else
+                          f"giving up after {attempt} attempts: the last made {why}")
                 event = StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,
                                             phase=view.phase, error=reason)
+                if not await self._claim(view, event):
+                    continue
                 await self.bus.publish_status(event, event.routing_key, message_id=event.id)
             else:
                 job = TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
                                source=view.source or "api", trigger=view.trigger)
-                # The request first: if the QUEUED event is lost, the job still runs.
-                await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
                 event = StatusEvent.for_job(view.job_id, sequence, JobState.QUEUED, source=self.source,
-                                            error=f"re-queued (attempt {attempt + 1}): its worker went silent")
+                                            error=f"re-queued (attempt {attempt + 1}): " + (
+                                                "its worker went silent" if silent else f"it made {why}"))
+                if not await self._claim(view, event):
+                    continue
+                # The request before the event: if the QUEUED event is lost, the job still runs.
+                await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
                 await self.bus.publish_status(event, event.routing_key, message_id=event.id)
             log.warning("job %s: %s", view.job_id, event.data.error)
             handled.append(view.job_id)
         return handled
 
-    async def run(self, interval: float = 60.0) -> None:
+    async def _claim(self, view: JobView, event: StatusEvent) -> bool:
+        """The compare-and-set that makes this watchdog the only one acting on this attempt."""
+        if await self.views.apply(event, expect_sequence=view.last_sequence):
+            return True
+        log.info("job %s: not %s by this watchdog: its view moved on since it was read (another watchdog, "
+                 "or the job spoke)", view.job_id, event.data.state.value)
+        return False
+
+    async def run(self, interval: float = 60.0, caught_up: asyncio.Event | None = None) -> None:
+        """Sweep every ``interval`` seconds; with ``caught_up``, not before it is set."""
+        if caught_up is not None and not caught_up.is_set():
+            log.info("watchdog waits for the projector to catch up with its queue")
+            await caught_up.wait()
         while True:
             try:
                 await self.sweep()

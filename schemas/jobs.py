@@ -99,6 +99,11 @@ def _check_location(uri: str) -> str:
     raise ValueError(f"unsupported scheme {scheme!r}: use s3://bucket/prefix, file:///path or a local path")
 
 
+# A job's deadline (TrainRequest.deadline_s): a server default (CDTRAIN_JOB_DEADLINE_S), at most this.
+DEFAULT_DEADLINE_S = 7 * 24 * 3600
+MAX_DEADLINE_S = 90 * 24 * 3600
+
+
 class TrainRequest(BaseModel):
     """What a user asks for: train on this dataset, with these config overrides."""
 
@@ -115,6 +120,12 @@ class TrainRequest(BaseModel):
     )
     model_name: str = Field("snunet-cbam", pattern=MODEL_NAME_PATTERN)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    deadline_s: int | None = Field(
+        None, ge=60, le=MAX_DEADLINE_S,
+        description="Seconds from submission after which the job is ended FAILED wherever it is "
+        "(queued or training), its worker told to stop. Default: the server's CDTRAIN_JOB_DEADLINE_S "
+        "(7 days). At most 90 days.",
+    )
 
     @field_validator("dataset_uri", "config_uri")
     @classmethod
@@ -238,6 +249,12 @@ class JobView(BaseModel):
     request: TrainRequest | None = None
     submitted_at: UtcDatetime
     updated_at: UtcDatetime
+    # When the projector last heard from the job (its clock, not the event's time): the
+    # watchdog's measure of silence. None on views projected before this field existed.
+    heard_at: UtcDatetime | None = None
+    # When the projector last saw the job move: a new state, phase or step (infra/views/merge.py
+    # rule 8). A training job whose step_at is old is stalled, however often it beats.
+    step_at: UtcDatetime | None = None
     last_sequence: int = Field(ge=0)
     source: JobSource | None = None
     trigger: BucketTrigger | None = None

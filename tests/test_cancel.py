@@ -474,6 +474,42 @@ async def test_the_watchdog_ends_a_silent_cancelled_job_instead_of_running_it_ag
     assert await bus.request_backlog() == 0  # not re-queued
 
 
+async def test_a_job_past_its_deadline_is_stopped_by_its_worker_and_ends_failed(stack: Stack) -> None:
+    """The deadline (consumer/watchdog.py, end_overdue) stops a job through the cancel path, yet
+    it ends FAILED with the deadline's reason: a queued job that a worker claims only afterwards,
+    and a job being downloaded by a live worker."""
+    from consumer.watchdog import Watchdog
+
+    watchdog = Watchdog(stack.bus, stack.views, job_deadline=1.0, source="/cdtrain/watchdog/test")
+    queued = await stack.submit(epochs=50)  # no worker yet
+    await asyncio.sleep(1.1)
+    assert await watchdog.sweep() == [queued]
+    view = await view_state(stack, queued, JobState.FAILED)
+    assert view.error.startswith("deadline of 1 s passed at") and "CDTRAIN_JOB_DEADLINE_S" in view.error
+
+    # A worker that claims it skips it (the stop is in the view): it never starts.
+    store = BlockingStore(stack.objects)
+    tracker = RecordingTracker()
+    await stack.start_worker(tracker, stores=StoreResolver(store))
+    await until(lambda: JobState.CANCELLED in stack.states(queued), timeout=10, what="the skip")
+    assert JobState.STARTING not in stack.states(queued) and tracker.started == []
+
+    running = await stack.submit(epochs=50)
+    await asyncio.wait_for(store.listing.wait(), WAIT)
+    await view_state(stack, running, JobState.STARTING)
+    await asyncio.sleep(1.1)
+    asked = time.monotonic()
+    assert await watchdog.sweep() == [running]
+    await until(lambda: JobState.CANCELLED in stack.states(running), timeout=10, what="the worker's stop")
+    print(f"\n[{stack.backend.kind}] worker stopped {time.monotonic() - asked:.2f} s after the deadline sweep")
+    await asyncio.sleep(0.3)  # the worker's CANCELLED reaches the projector too
+    for job_id in (queued, running):
+        view = await stack.views.get(job_id)
+        assert view.state is JobState.FAILED and view.error.startswith("deadline of 1 s passed at"), job_id
+    assert view.phase is JobPhase.DOWNLOADING
+    assert await stack.bus.request_backlog() == 0
+
+
 # --- wiring -----------------------------------------------------------------------------------------------
 def test_the_worker_gets_the_view_store_in_every_deployment() -> None:
     from tests.test_deploy import compose_environment, compose_services, k8s_container_env, k8s_deployments

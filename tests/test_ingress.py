@@ -253,6 +253,8 @@ async def test_projector_and_write_through_agree(bus_factory: BusFactory, view_s
     ({"dataset_uri": "ftp://x/y"}, "dataset_uri", "unsupported scheme"),
     ({"dataset_uri": DATASET, "config": [1, 2]}, "config", "dictionary"),
     ({"dataset_uri": DATASET, "model_name": "bad name!"}, "model_name", "pattern"),
+    ({"dataset_uri": DATASET, "deadline_s": 5}, "deadline_s", "greater than or equal to 60"),
+    ({"dataset_uri": DATASET, "deadline_s": "soon"}, "deadline_s", "integer"),
     ([1, 2], "(root)", "JSON object"),
 ])
 async def test_invalid_request_is_422_naming_the_field(body: Any, field: str, fragment: str, serve: Serve) -> None:

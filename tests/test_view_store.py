@@ -50,6 +50,10 @@ def lifecycle(job_id: str, at: datetime = T0) -> list[StatusEvent]:
 def comparable(view) -> dict:
     dump = view.model_dump()
     dump.pop("job_id")
+    # When the projector heard from the job and saw it move (rules 6 and 8): the writer's clock,
+    # the only fields that are not a function of the set of events.
+    dump.pop("heard_at")
+    dump.pop("step_at")
     dump["request"].pop("dataset_uri")
     return dump
 
@@ -448,3 +452,65 @@ async def test_mongo_lost_creation_race_is_resolved(
     view = await mongo_view_store.get("job-r")
     assert view.last_sequence == max(ours, theirs)
     assert view.state is (JobState.RUNNING if advanced else JobState.STARTING)
+
+
+# --- liveness and compare-and-set (rules 6 and 7) ----------------------------------------------------------
+
+
+async def test_heard_at_is_when_the_event_was_projected_not_its_time(view_store: JobViewStore) -> None:
+    events = lifecycle("heard")  # event times in 2025
+    before = datetime.now(timezone.utc) - timedelta(milliseconds=1)  # views keep milliseconds
+    await view_store.apply(events[0])
+    await view_store.apply(events[1])
+    first = await view_store.get("heard")
+    assert first.updated_at == events[1].time and before <= first.heard_at <= datetime.now(timezone.utc)
+    await asyncio.sleep(0.01)
+    assert not await view_store.apply(events[1])  # a duplicate is no news from the job
+    assert (await view_store.get("heard")).heard_at == first.heard_at
+    await view_store.apply(events[2])
+    assert (await view_store.get("heard")).heard_at > first.heard_at
+
+
+async def test_compare_and_set_advances_only_the_view_it_read(view_store: JobViewStore) -> None:
+    events = lifecycle("cas")
+    for e in events[:3]:
+        await view_store.apply(e)
+    requeue = StatusEvent.for_job("cas", 1000, "queued", source=WORKER, error="re-queued")
+    assert not await view_store.apply(requeue, expect_sequence=1)  # the job spoke since it was read
+    assert not await view_store.apply(StatusEvent.for_job("unknown", 1000, "queued", source=WORKER),
+                                      expect_sequence=0)
+    assert await view_store.get("unknown") is None  # never an upsert
+    assert (await view_store.get("cas")).last_sequence == 2
+    results = await asyncio.gather(view_store.apply(requeue, expect_sequence=2),
+                                   view_store.apply(requeue, expect_sequence=2))
+    assert sorted(results) == [False, True]
+    view = await view_store.get("cas")
+    assert view.state == JobState.QUEUED and view.last_sequence == 1000 and view.request is not None
+    assert view.error == "re-queued" and view.step == 5  # sticky progress kept
+
+
+async def test_step_at_moves_with_state_phase_and_step_not_with_heartbeats(view_store: JobViewStore) -> None:
+    def ev(seq: int, state: str, **kw: object) -> StatusEvent:
+        return StatusEvent.for_job("steps", seq, state, source=WORKER, time=T0, **kw)
+
+    async def step_at_after(event: StatusEvent) -> datetime:
+        await asyncio.sleep(0.005)  # views keep milliseconds: every write gets its own time
+        assert await view_store.apply(event)
+        return (await view_store.get("steps")).step_at
+
+    starting = await step_at_after(ev(1, "starting", phase="downloading"))
+    assert starting is not None
+    assert await step_at_after(ev(2, "starting", phase="downloading")) == starting  # a heartbeat
+    training = await step_at_after(ev(3, "running", phase="training"))  # the phase moved
+    assert training > starting
+    assert await step_at_after(ev(4, "running", phase="training")) == training  # no step yet
+    step_10 = await step_at_after(ev(5, "running", phase="training", step=10))
+    assert step_10 > training
+    assert await step_at_after(ev(6, "running", phase="training", step=10)) == step_10  # hung at 10
+    assert await step_at_after(ev(7, "running", phase="training")) == step_10  # no step: repeats 10
+    assert await step_at_after(ev(8, "running", phase="training", step=11)) > step_10
+    # The compare-and-set of the watchdog follows the same rule.
+    moved = StatusEvent.for_job("steps", 1000, "queued", source=WORKER, time=T0)
+    await asyncio.sleep(0.005)
+    assert await view_store.apply(moved, expect_sequence=8)
+    assert (await view_store.get("steps")).step_at > step_10

@@ -178,6 +178,13 @@ class MessageBus(abc.ABC):
     async def request_backlog(self) -> int:
         """Requests waiting in the queue (not counting those being processed)."""
 
+    async def projector_backlog(self) -> int:
+        """Status events waiting in the projector queue (not counting those being projected).
+
+        The watchdog's "caught up" signal (consumer/watchdog.py): RabbitMQ's passive count of
+        ready messages, the in-process queue's length."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count the projector queue")
+
     @abc.abstractmethod
     async def drain_dead_requests(self, max_count: int = 100) -> list[DeadLetter]:
         """Remove and return up to ``max_count`` dead-lettered requests (to inspect/replay)."""

@@ -255,6 +255,10 @@ class InProcessBus(MessageBus):
         self._check_open()
         return len(self.broker.requests)
 
+    async def projector_backlog(self) -> int:
+        self._check_open()
+        return len(self.broker.projector)
+
     async def drain_dead_requests(self, max_count: int = 100) -> list[DeadLetter]:
         dead = self.broker.requests.dead
         return [dead.popleft() for _ in range(min(max_count, len(dead)))]

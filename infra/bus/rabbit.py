@@ -217,9 +217,15 @@ class RabbitBus(MessageBus):
 
     # --- queue state ----------------------------------------------------------------------
     async def request_backlog(self) -> int:
+        return await self._backlog(self.topology.requests_queue.name)
+
+    async def projector_backlog(self) -> int:
+        return await self._backlog(self.topology.projector_queue.name)
+
+    async def _backlog(self, name: str) -> int:
         await self.connect()
         self._require()
-        queue = self._declared[self.topology.requests_queue.name]
+        queue = self._declared[name]
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
                 result = await queue.declare()  # same arguments: a no-op that reports counts

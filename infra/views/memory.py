@@ -23,6 +23,7 @@ from infra.views.merge import (
     decode_cursor,
     doc_to_view,
     encode_cursor,
+    is_unmoved,
     may_request_cancel,
     plan_update,
 )
@@ -40,10 +41,16 @@ class InMemoryJobViewStore:
 
     # --- writes ----------------------------------------------------------------------------
 
-    async def apply(self, event: StatusEvent) -> bool:
+    async def apply(self, event: StatusEvent, *, expect_sequence: int | None = None) -> bool:
         plan = plan_update(event)
         with self._lock:
             doc = self._docs.get(plan.job_id)
+            if expect_sequence is not None:  # rule 7: compare-and-set
+                if doc is None or doc["last_sequence"] != expect_sequence or expect_sequence >= plan.sequence:
+                    return False
+                self._advance(doc, plan)
+                self._save()
+                return True
             if doc is None:
                 doc = {"_id": plan.job_id, **plan.on_insert}
                 self._docs[plan.job_id] = doc
@@ -67,6 +74,8 @@ class InMemoryJobViewStore:
 
     @staticmethod
     def _advance(doc: dict[str, Any], plan: ViewUpdate) -> bool:
+        if not is_unmoved(doc, plan):  # rule 8, judged on the document before this event
+            doc.update(plan.moved)
         doc.update(copy.deepcopy(plan.advance))
         if plan.submission is not None:
             doc.update(copy.deepcopy(plan.submission))

@@ -26,6 +26,20 @@ Ordering policy (the part every backend must agree on):
    No event touches those fields, so the record survives every later event, and a late DELETE
    can never turn a SUCCEEDED/FAILED job into anything else. The job's *state* still comes
    from events only: its worker publishes CANCELLED when it has stopped (rule 1 applies).
+6. **``heard_at`` is when the projector heard from the job**, not the event's own time: every
+   advancing write sets it to the writer's clock. The watchdog judges silence by it, so a
+   backlog the projector is still working through, or a worker whose clock runs behind, never
+   makes a live job look silent.
+8. **``step_at`` is when the projector last saw the job move**: an advancing event sets it (the
+   writer's clock) unless it repeats the view's ``state``, ``phase`` and ``step`` (an event
+   without a step repeats any step). So it restarts with every new state, phase or attempt and
+   with every step the trainer takes; a heartbeat of a training thread that hangs does not move
+   it. The watchdog's measure of a stalled step (``CDTRAIN_STEP_STALL_S``). Both backends apply
+   the rule as the filter :attr:`ViewUpdate.unmoved` (Mongo: a conditional update tried first).
+7. **Compare-and-set.** ``apply(event, expect_sequence=n)`` advances the view only while its
+   ``last_sequence`` is exactly ``n`` (and never creates one): the watchdog's write of a job's
+   next attempt, so that of two watchdogs that judged the same view stale exactly one wins, and
+   a job that spoke after it was judged is left alone.
 
 Storage documents (shared by the Mongo and in-memory stores): the JobView fields, ``_id`` equal
 to ``job_id``, and ``history`` as ``{"<epoch>": {"epoch", "sequence", "time", "metrics"}}`` so
@@ -42,7 +56,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas.events import STICKY_FIELDS, StatusEvent
-from schemas.jobs import TERMINAL_STATES, JobPhase, JobState, JobView
+from schemas.jobs import TERMINAL_STATES, JobPhase, JobState, JobView, utc_now
 
 
 # Rule 5: the terminal states that refuse a cancel request, and the fields it sets.
@@ -85,6 +99,15 @@ class ViewUpdate:
     on_insert: dict[str, Any] = field(default_factory=dict)  # only when the event creates the view
     submission: dict[str, Any] | None = None  # set when newer, else filled if the view has none
     history: HistoryEntry | None = None  # set when newer than the stored entry for its epoch
+    # Rule 8: the stored fields that, all equal, mean the event does not move the job; a newer
+    # event that does also sets ``step_at`` (the ``moved`` fields).
+    unmoved: dict[str, Any] = field(default_factory=dict)
+    moved: dict[str, Any] = field(default_factory=dict)
+
+
+def is_unmoved(doc: dict[str, Any], plan: ViewUpdate) -> bool:
+    """Rule 8 on a stored document (Mongo matches :attr:`ViewUpdate.unmoved` as a filter)."""
+    return all(doc.get(name) == value for name, value in plan.unmoved.items())
 
 
 def plan_update(event: StatusEvent) -> ViewUpdate:
@@ -96,6 +119,7 @@ def plan_update(event: StatusEvent) -> ViewUpdate:
         # A FAILED/CANCELLED reason, or a note on a re-queued job (the watchdog says why).
         "error": data.error,
         "updated_at": event.time,
+        "heard_at": utc_now(),  # rule 6
         "last_sequence": data.sequence,
     }
     for name in STICKY_FIELDS:
@@ -106,6 +130,11 @@ def plan_update(event: StatusEvent) -> ViewUpdate:
         advance["metrics"] = dict(data.metrics)
         if data.state is JobState.SUCCEEDED:
             advance["best_metrics"] = dict(data.metrics)
+
+    unmoved: dict[str, Any] = {"state": advance["state"], "phase": advance["phase"]}
+    if data.step is not None:
+        unmoved["step"] = data.step
+    moved = {"step_at": advance["heard_at"]}
 
     submission = None
     on_insert: dict[str, Any] = {}
@@ -141,6 +170,8 @@ def plan_update(event: StatusEvent) -> ViewUpdate:
         on_insert=on_insert,
         submission=submission,
         history=history,
+        unmoved=unmoved,
+        moved=moved,
     )
 
 

@@ -64,10 +64,24 @@ class MongoJobViewStore:
 
     # --- writes ----------------------------------------------------------------------------
 
-    async def apply(self, event: StatusEvent) -> bool:
+    async def apply(self, event: StatusEvent, *, expect_sequence: int | None = None) -> bool:
         plan = plan_update(event)
-        newer = {"_id": plan.job_id, "last_sequence": {"$lt": plan.sequence}}
         update = _advance_update(plan)
+        moved = _advance_update(plan, moved=True)
+        if expect_sequence is not None:  # rule 7: compare-and-set, never an upsert
+            if expect_sequence >= plan.sequence:
+                return False
+            at = {"_id": plan.job_id, "last_sequence": expect_sequence}
+            if (await self._col.update_one({"$and": [at, plan.unmoved]}, update)).matched_count:
+                return True
+            return (await self._col.update_one(at, moved)).matched_count == 1
+        newer = {"_id": plan.job_id, "last_sequence": {"$lt": plan.sequence}}
+        # Rule 8: a heartbeat that repeats state, phase and step (the common event) is one update
+        # that leaves step_at; anything else (a move, a new view, a stale event) goes on below.
+        # Explicit $and for nx-27017, as in list().
+        if (await self._col.update_one({"$and": [newer, plan.unmoved]}, update)).matched_count:
+            return True
+        update = moved
         try:
             await self._col.update_one(newer, update, upsert=True)
             return True
@@ -151,8 +165,10 @@ class MongoJobViewStore:
             await self._client.close()
 
 
-def _advance_update(plan: ViewUpdate) -> dict[str, Any]:
+def _advance_update(plan: ViewUpdate, *, moved: bool = False) -> dict[str, Any]:
     to_set = dict(plan.advance)
+    if moved:
+        to_set.update(plan.moved)
     if plan.submission is not None:
         to_set.update(plan.submission)
     if plan.history is not None:

@@ -21,9 +21,14 @@ class Projector:
         self.store = store
         self.applied = 0
         self.ignored = 0
+        self.in_flight = 0  # events being projected now (the "caught up" check needs none)
 
     async def handle(self, event: StatusEvent) -> bool:
-        advanced = await self.store.apply(event)
+        self.in_flight += 1
+        try:
+            advanced = await self.store.apply(event)
+        finally:
+            self.in_flight -= 1
         if advanced:
             self.applied += 1
         else:

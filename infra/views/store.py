@@ -13,8 +13,12 @@ from schemas.jobs import JobState, JobView
 class JobViewStore(Protocol):
     """Job views keyed by job id; see :mod:`infra.views.merge` for the ordering policy."""
 
-    async def apply(self, event: StatusEvent) -> bool:
-        """Project one event. True if it advanced the view; False for a duplicate or stale event."""
+    async def apply(self, event: StatusEvent, *, expect_sequence: int | None = None) -> bool:
+        """Project one event. True if it advanced the view; False for a duplicate or stale event.
+
+        With ``expect_sequence`` (rule 7 of :mod:`infra.views.merge`): advance only a view whose
+        ``last_sequence`` is exactly that, in one conditional write; False otherwise (an unknown
+        job included), and nothing else is merged."""
         ...
 
     async def get(self, job_id: str) -> JobView | None: ...
