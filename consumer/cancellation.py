@@ -52,13 +52,11 @@ class ViewCancellations:
             return None
         if view.state is JobState.CANCELLED:
             return view.error or CANCELLED_BY_REQUEST
-        # A job that ended otherwise is not this lookup's business (a cancel that came too late
-        # leaves SUCCEEDED as it is; duplicates of finished jobs are a lease's job, not ours).
-        if view.cancel_requested_at is not None and not view.state.is_terminal:
-            return view.cancel_reason or CANCELLED_BY_REQUEST
-        # FAILED by the watchdog at the job's deadline (consumer/watchdog.py, end_overdue): the
-        # view holds the stop request too, for the worker still running it or one that claims it.
-        if view.cancel_requested_at is not None and view.state is JobState.FAILED:
+        # A pending request stops the job; so does one on a job FAILED by the watchdog at its
+        # deadline (consumer/watchdog.py, end_overdue), for the worker still running it or one that
+        # claims it. A job that ended otherwise is not this lookup's business (a cancel that came
+        # too late leaves SUCCEEDED as it is; duplicates of finished jobs are a lease's job).
+        if view.cancel_requested_at is not None and (not view.state.is_terminal or view.state is JobState.FAILED):
             return view.cancel_reason or CANCELLED_BY_REQUEST
         return None
 

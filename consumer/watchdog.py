@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 from infra.bus import BusUnavailable, MessageBus
@@ -69,9 +70,12 @@ class Watchdog:
         self.max_attempts = max_attempts
         self.source = source
 
+    def is_silent(self, view: JobView, now: datetime) -> bool:
+        return (view.heard_at or view.updated_at) < now - timedelta(seconds=self.stale_after)
+
     def why_stale(self, view: JobView, now: datetime) -> str | None:
         """Why a STARTING/RUNNING view counts as lost, in words; None while it is fine."""
-        if (view.heard_at or view.updated_at) < now - timedelta(seconds=self.stale_after):
+        if self.is_silent(view, now):
             return f"no status for {self.stale_after:g} s"
         if (self.step_stall is not None and view.state is JobState.RUNNING and view.phase is JobPhase.TRAINING
                 and view.step_at is not None and view.step_at < now - timedelta(seconds=self.step_stall)):
@@ -79,17 +83,20 @@ class Watchdog:
             return f"no training step for {self.step_stall:g} s ({at}) though its worker still reports"
         return None
 
-    async def stale_jobs(self) -> list[tuple[JobView, str]]:
-        now = utc_now()
-        stale: list[tuple[JobView, str]] = []
-        for state in (JobState.STARTING, JobState.RUNNING):
+    async def _views_in(self, *states: JobState) -> AsyncIterator[JobView]:
+        """Every view in these states, page by page."""
+        for state in states:
             cursor: str | None = None
             while True:
                 views, cursor = await self.views.list(limit=200, cursor=cursor, state=state)
-                stale += [(v, why) for v in views if (why := self.why_stale(v, now)) is not None]
+                for view in views:
+                    yield view
                 if cursor is None:
                     break
-        return stale
+
+    async def stale_jobs(self, now: datetime) -> list[tuple[JobView, str]]:
+        return [(v, why) async for v in self._views_in(JobState.STARTING, JobState.RUNNING)
+                if (why := self.why_stale(v, now)) is not None]
 
     def deadline_of(self, view: JobView) -> float:
         if view.request is not None and view.request.deadline_s is not None:
@@ -97,15 +104,8 @@ class Watchdog:
         return self.job_deadline
 
     async def overdue_jobs(self, now: datetime) -> list[JobView]:
-        overdue: list[JobView] = []
-        for state in (JobState.QUEUED, JobState.STARTING, JobState.RUNNING):
-            cursor: str | None = None
-            while True:
-                views, cursor = await self.views.list(limit=200, cursor=cursor, state=state)
-                overdue += [v for v in views if v.submitted_at + timedelta(seconds=self.deadline_of(v)) < now]
-                if cursor is None:
-                    break
-        return overdue
+        return [v async for v in self._views_in(JobState.QUEUED, JobState.STARTING, JobState.RUNNING)
+                if v.submitted_at + timedelta(seconds=self.deadline_of(v)) < now]
 
     async def end_overdue(self) -> list[str]:
         """Fail every job past its deadline, queued or running, and tell its worker to stop.
@@ -150,44 +150,40 @@ class Watchdog:
     async def sweep(self) -> list[str]:
         """One pass; returns the ids of the jobs it re-queued or failed."""
         handled = await self.end_overdue()
-        for view, why in await self.stale_jobs():
-            if view.job_id in handled:
-                continue
-            silent = why.startswith("no status")
-            if view.request is None:
-                continue  # QUEUED never projected: nothing to re-publish from
+        now = utc_now()
+        for view, why in await self.stale_jobs(now):
+            if view.job_id in handled or view.request is None:
+                continue  # ended just now; or QUEUED never projected: nothing to re-publish from
             attempt = view.last_sequence // ATTEMPT_STRIDE + 1
-            sequence = attempt * ATTEMPT_STRIDE
-            if view.cancel_requested_at is not None:
-                # A user cancelled it and then its worker went silent: end it, never run it again.
-                event = StatusEvent.for_job(view.job_id, sequence, JobState.CANCELLED, source=self.source,
-                                            phase=view.phase, error=view.cancel_reason or CANCELLED_BY_REQUEST)
-                if not await self._claim(view, event):
-                    continue
-                await self.bus.publish_status(event, event.routing_key, message_id=event.id)
-            elif attempt >= self.max_attempts:
-                reason = (f"the worker running this job stopped responding {attempt} times "
-                          f"(no status for {self.stale_after:g} s); giving up" if silent else
-                          f"giving up after {attempt} attempts: the last made {why}")
-                event = StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,
-                                            phase=view.phase, error=reason)
-                if not await self._claim(view, event):
-                    continue
-                await self.bus.publish_status(event, event.routing_key, message_id=event.id)
-            else:
-                job = TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
-                               source=view.source or "api", trigger=view.trigger)
-                event = StatusEvent.for_job(view.job_id, sequence, JobState.QUEUED, source=self.source,
-                                            error=f"re-queued (attempt {attempt + 1}): " + (
-                                                "its worker went silent" if silent else f"it made {why}"))
-                if not await self._claim(view, event):
-                    continue
-                # The request before the event: if the QUEUED event is lost, the job still runs.
+            event, job = self._decide(view, why, attempt, silent=self.is_silent(view, now))
+            if not await self._claim(view, event):
+                continue
+            if job is not None:  # the request before the event: if the QUEUED event is lost, the job still runs
                 await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
-                await self.bus.publish_status(event, event.routing_key, message_id=event.id)
+            await self.bus.publish_status(event, event.routing_key, message_id=event.id)
             log.warning("job %s: %s", view.job_id, event.data.error)
             handled.append(view.job_id)
         return handled
+
+    def _decide(self, view: JobView, why: str, attempt: int, *, silent: bool) -> tuple[StatusEvent, TrainJob | None]:
+        """What to do with a stale job: its next attempt's event, and the request to re-queue (if any)."""
+        sequence = attempt * ATTEMPT_STRIDE
+        if view.cancel_requested_at is not None:
+            # A user cancelled it and then its worker went silent: end it, never run it again.
+            return StatusEvent.for_job(view.job_id, sequence, JobState.CANCELLED, source=self.source,
+                                       phase=view.phase, error=view.cancel_reason or CANCELLED_BY_REQUEST), None
+        if attempt >= self.max_attempts:
+            reason = (f"the worker running this job stopped responding {attempt} times "
+                      f"(no status for {self.stale_after:g} s); giving up" if silent else
+                      f"giving up after {attempt} attempts: the last made {why}")
+            return StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,
+                                       phase=view.phase, error=reason), None
+        job = TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
+                       source=view.source or "api", trigger=view.trigger)
+        event = StatusEvent.for_job(view.job_id, sequence, JobState.QUEUED, source=self.source,
+                                    error=f"re-queued (attempt {attempt + 1}): " + (
+                                        "its worker went silent" if silent else f"it made {why}"))
+        return event, job
 
     async def _claim(self, view: JobView, event: StatusEvent) -> bool:
         """The compare-and-set that makes this watchdog the only one acting on this attempt."""

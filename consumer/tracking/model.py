@@ -100,10 +100,11 @@ class LoggedModelInfo:
     checkpoint_artifact: str = CHECKPOINT_ARTIFACT  # the checkpoint, as an artifact of ``run_id``
 
 
-def log_checkpoint(client: MlflowClient, run_id: str, checkpoint_path: Path | str) -> str:
+def log_checkpoint(client: MlflowClient, run_id: str, checkpoint: Path | str | dict[str, Any]) -> str:
     """Upload the checkpoint's model (weights, config, threshold; no optimiser state) as
-    ``checkpoint/best.pt`` of ``run_id``; returns that artifact path."""
-    state = load_checkpoint(checkpoint_path, map_location="cpu")
+    ``checkpoint/best.pt`` of ``run_id``; returns that artifact path. ``checkpoint``: a path, or
+    a checkpoint already loaded (no second read)."""
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
     with tempfile.TemporaryDirectory(prefix="cdtrain-ckpt-") as tmp:
         staged = Path(tmp) / CHECKPOINT_ARTIFACT.rsplit("/", 1)[1]
         save_model_checkpoint(state, staged)
@@ -205,7 +206,7 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: Path | st
     run = client.get_run(run_id)
     # Before the model: a READY model whose checkpoint is missing could never be judged against a
     # challenger, so a failed upload fails the whole call.
-    log_checkpoint(client, run_id, checkpoint_path)
+    log_checkpoint(client, run_id, state)
     logged = client.create_logged_model(
         experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
         params=config_params(config.model_dump()), tags=model_tags, model_type=MODEL_TYPE,

@@ -30,16 +30,16 @@ Ordering policy (the part every backend must agree on):
    advancing write sets it to the writer's clock. The watchdog judges silence by it, so a
    backlog the projector is still working through, or a worker whose clock runs behind, never
    makes a live job look silent.
+7. **Compare-and-set.** ``apply(event, expect_sequence=n)`` advances the view only while its
+   ``last_sequence`` is exactly ``n`` (and never creates one): the watchdog's write of a job's
+   next attempt, so that of two watchdogs that judged the same view stale exactly one wins, and
+   a job that spoke after it was judged is left alone.
 8. **``step_at`` is when the projector last saw the job move**: an advancing event sets it (the
    writer's clock) unless it repeats the view's ``state``, ``phase`` and ``step`` (an event
    without a step repeats any step). So it restarts with every new state, phase or attempt and
    with every step the trainer takes; a heartbeat of a training thread that hangs does not move
    it. The watchdog's measure of a stalled step (``CDTRAIN_STEP_STALL_S``). Both backends apply
    the rule as the filter :attr:`ViewUpdate.unmoved` (Mongo: a conditional update tried first).
-7. **Compare-and-set.** ``apply(event, expect_sequence=n)`` advances the view only while its
-   ``last_sequence`` is exactly ``n`` (and never creates one): the watchdog's write of a job's
-   next attempt, so that of two watchdogs that judged the same view stale exactly one wins, and
-   a job that spoke after it was judged is left alone.
 
 Storage documents (shared by the Mongo and in-memory stores): the JobView fields, ``_id`` equal
 to ``job_id``, and ``history`` as ``{"<epoch>": {"epoch", "sequence", "time", "metrics"}}`` so
