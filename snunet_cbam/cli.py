@@ -27,7 +27,8 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(None if args.resume else args.config, args.set, base=base)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(_dump_yaml(config.model_dump()))
-    result = Trainer(config, args.data, out, hooks=[ProgressBars(disable=args.quiet or None)]).fit(resume=args.resume)
+    result = Trainer(config, args.data, out, hooks=[ProgressBars(disable=args.quiet or None)],
+                     checkpoint_every_s=args.checkpoint_every).fit(resume=args.resume)
     print(json.dumps({"status": result.status, "best": result.best, "threshold": result.val_at_threshold,
                       "test": result.test, "metrics": str(result.metrics_path),
                       "best_checkpoint": str(result.best_checkpoint)}, indent=2))
@@ -72,6 +73,13 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
+    return value
+
+
 def _dump_yaml(values: dict) -> str:
     import yaml
 
@@ -84,7 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="YAML with the keys to change (defaults: config/train_config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
     train.add_argument("--out", default="runs/latest", help="output directory (checkpoints, metrics.json)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/last.pt, inside the epoch it was written in; a finished run "
+                            "(last epoch done or stopped early) only redoes the threshold and test")
+    train.add_argument("--checkpoint-every", type=_seconds, metavar="SECONDS",
+                       help="also write OUT/last.pt inside an epoch, at the first step SECONDS after the last "
+                            "checkpoint, so that a killed run loses at most about that much training "
+                            "(default: at the end of every epoch, and when the run stops, e.g. at "
+                            "time_limit_minutes)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
 

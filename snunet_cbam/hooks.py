@@ -32,6 +32,11 @@ class RunStartInfo:
     total_steps: int
     start_epoch: int  # 1-based; > 1 when resumed
     out_dir: Path
+    # Where a resumed run picks up: the global step already trained (0 for a fresh run; a run
+    # resumed from a checkpoint taken inside an epoch continues that epoch at start_step + 1),
+    # and the epochs it completed before (the checkpoint's history records, oldest first).
+    start_step: int = 0
+    history: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,21 @@ class EpochInfo:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """A checkpoint just written (atomically) to ``path``: ``best`` then ``last`` at an epoch's
+    end, ``last`` alone inside an epoch (every ``checkpoint_every_s``, or when the run stops).
+
+    ``epoch`` is the last completed epoch and ``global_step`` the steps trained in all;
+    ``step_in_epoch`` the steps already trained of the next epoch (0 at an epoch's end), where a
+    resumed run continues. ``finished``: training is over (the last epoch ran, or early stopping
+    ended it); a resumed run only does the end of the run (threshold, test).
+    """
+
     kind: Literal["best", "last"]
     path: Path
     epoch: int
+    global_step: int = 0
+    step_in_epoch: int = 0
+    finished: bool = False
 
 
 @dataclass

@@ -11,10 +11,15 @@ from torch.utils.data import DataLoader
 
 from schemas.training import TrainConfig
 
+from .hooks import CancelToken
 from .inference import Blend, TTA, predict_logits
 from .metrics import ConfusionAccumulator, confusion_counts
 from .runtime import Precision
 from .thresholds import ProbabilityHistogram
+
+
+class EvaluationStopped(Exception):
+    """``evaluate_model``'s cancel token was set before every image was scored: no metrics."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,13 @@ class EvalSettings:
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, settings: EvalSettings, *,
                    precision: Precision, loss_fn: nn.Module | None = None, channels_last: bool = False,
                    histogram: ProbabilityHistogram | None = None,
-                   on_image: Callable[[int, int], None] | None = None) -> dict[str, float]:
+                   on_image: Callable[[int, int], None] | None = None,
+                   cancel: CancelToken | None = None) -> dict[str, float]:
     """Metrics of the change class from counts summed over the split, plus the mean loss; the
-    per-pixel probabilities go into ``histogram`` too when one is given (threshold tuning)."""
+    per-pixel probabilities go into ``histogram`` too when one is given (threshold tuning).
+
+    ``cancel`` is checked before each batch; once set, :class:`EvaluationStopped` is raised
+    (metrics of part of a split would be wrong, not approximate)."""
     was_training = model.training
     model.eval()
     confusion = ConfusionAccumulator(device)
@@ -50,6 +59,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, s
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     try:
         for i, batch in enumerate(loader):
+            if cancel is not None and cancel.is_set():
+                raise EvaluationStopped(f"stopped after {i} of {len(loader)} images")
             a = batch["a"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             b = batch["b"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             label = batch["label"].to(device, non_blocking=True)

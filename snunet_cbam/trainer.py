@@ -3,6 +3,9 @@
 Everything a run depends on comes in through the constructor (a validated ``TrainConfig``, the data
 directory, the output directory, hooks and a cancel token), so the CLI and the service drive the
 same code. ``fit`` reads as the run: set up, restore, epochs, finish (threshold, test).
+
+``last.pt`` is written at every epoch's end, inside an epoch every ``checkpoint_every_s`` seconds,
+and whenever the run is stopped (cancel token, time limit); a resumed run repeats no step.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -58,7 +61,7 @@ from .runtime import (
     use_channels_last,
 )
 from .schedules import ScheduleAnchor, build_scheduler
-from .scoring import EvalSettings, evaluate_model
+from .scoring import EvalSettings, EvaluationStopped, evaluate_model
 from .step import TrainStep
 from .thresholds import ProbabilityHistogram
 
@@ -120,15 +123,49 @@ def _should_cache(config: TrainConfig, report: DatasetReport) -> bool:
     return True
 
 
+class _EpochTally:
+    """The epoch in progress, summed on the device over its steps (confusion counts, loss, samples),
+    and the time spent on it: checkpointed inside an epoch, so that a resumed epoch ends with the
+    same metrics as an uninterrupted one."""
+
+    def __init__(self, device: torch.device, counts: torch.Tensor | None = None, loss: torch.Tensor | None = None,
+                 seen: int = 0, seconds: float = 0.0) -> None:
+        self.counts = torch.zeros(4, dtype=torch.int64, device=device) if counts is None else counts.to(device)
+        self.loss = torch.zeros((), device=device) if loss is None else loss.to(device)
+        self.seen = seen
+        self._started = time.monotonic() - seconds  # the epoch's time, not only this process's
+
+    def add(self, loss: torch.Tensor, counts: torch.Tensor, samples: int) -> None:
+        self.counts += counts
+        self.loss += loss * samples
+        self.seen += samples
+
+    def seconds(self) -> float:
+        return time.monotonic() - self._started
+
+    def metrics(self) -> dict[str, float]:
+        return {"loss": float(self.loss) / max(self.seen, 1), **ChangeMetrics.from_counts(self.counts).as_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts.cpu(), "loss": self.loss.cpu(), "seen": self.seen, "seconds": self.seconds()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device) -> "_EpochTally":
+        return cls(device, state["counts"], state["loss"], state["seen"], state["seconds"])
+
+
 @dataclass
 class _Progress:
-    """What a checkpoint carries from one epoch to the next (and from a run to its resumption)."""
+    """What a checkpoint carries from one step to the next (and from a run to its resumption)."""
 
     epoch: int = 0  # last completed epoch
     global_step: int = 0
     best: dict[str, float] = field(default_factory=lambda: {"epoch": 0, "f1": -1.0})
     history: list[dict[str, Any]] = field(default_factory=list)
     epochs_without_improvement: int = 0
+    step_in_epoch: int = 0  # steps done of epoch + 1
+    tally: _EpochTally | None = None  # of epoch + 1 once it has begun
+    finished: RunStatus | None = None  # "completed" or "early_stopped" once training is over
 
 
 @dataclass
@@ -151,6 +188,7 @@ class _Run:
     ema: WeightEma | None
     scheduler: Any = None
     anchor: ScheduleAnchor | None = None
+    saved_at: float = field(default_factory=time.monotonic)  # when this run last wrote a checkpoint
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -166,35 +204,63 @@ class _StepWindow:
         self.loss = torch.zeros((), device=device)
         self.counts = torch.zeros(4, dtype=torch.int64, device=device)
         self.steps = 0
+        self.lr = 0.0  # of the last step
 
-    def add(self, loss: torch.Tensor, counts: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, counts: torch.Tensor, lr: float) -> None:
         self.loss += loss
         self.counts += counts
         self.steps += 1
+        self.lr = lr
 
-    def read(self) -> tuple[float, ChangeMetrics, int]:
+    def read(self) -> tuple[float, ChangeMetrics, int, float]:
         loss, metrics, steps = float(self.loss) / self.steps, ChangeMetrics.from_counts(self.counts), self.steps
         self.loss.zero_()
         self.counts.zero_()
         self.steps = 0
-        return loss, metrics, steps
+        return loss, metrics, steps, self.lr
+
+
+class _StopCondition:
+    """Whether the run must stop now, and why: the cancel token is set or the time limit passed. A
+    cancel token itself (``is_set``), so that the evaluation passes stop on it too."""
+
+    def __init__(self, cancel: CancelToken | None, time_limit_minutes: float | None) -> None:
+        self.cancel = cancel
+        self.deadline = None if time_limit_minutes is None else time.monotonic() + time_limit_minutes * 60
+
+    def reason(self) -> RunStatus | None:
+        if self.cancel is not None and self.cancel.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "time_limit"
+        return None
+
+    def is_set(self) -> bool:
+        return self.reason() is not None
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, data_root: Path | str, out_dir: Path | str,
-                 hooks: list[TrainerHooks] | None = None, cancel: CancelToken | None = None) -> None:
+                 hooks: list[TrainerHooks] | None = None, cancel: CancelToken | None = None,
+                 checkpoint_every_s: float | None = None) -> None:
+        """``checkpoint_every_s``: also write ``last.pt`` inside an epoch, at the first step boundary
+        that many seconds after the last checkpoint, so that a killed run loses at most about that
+        much training (None: at epoch ends and on a stop only)."""
+        if checkpoint_every_s is not None and checkpoint_every_s < 0:
+            raise ValueError(f"checkpoint_every_s must be >= 0, got {checkpoint_every_s}")
         self.config = config
         self.data_root = Path(data_root)
         self.out_dir = Path(out_dir)
         self.hooks = HookList(hooks)
         self.cancel = cancel
+        self.checkpoint_every_s = checkpoint_every_s
         self.best_path = self.out_dir / BEST_CHECKPOINT
         self.last_path = self.out_dir / LAST_CHECKPOINT
         self.metrics_path = self.out_dir / METRICS_FILE
 
     # --- the run --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
-        started = time.monotonic()
+        stop = _StopCondition(self.cancel, self.config.time_limit_minutes)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         run = self._set_up()
         progress = self._restore(run) if resume else self._start_fresh(run)
@@ -203,24 +269,17 @@ class Trainer:
             compiled=run.train_step.compiled, parameters=count_parameters(run.model),
             train_pairs=len(run.splits.valid("train")), val_pairs=len(run.splits.valid("val")),
             steps_per_epoch=run.epoch_steps, total_steps=run.total_steps, start_epoch=progress.epoch + 1,
-            out_dir=self.out_dir,
+            out_dir=self.out_dir, start_step=progress.global_step, history=tuple(progress.history),
         ))
 
-        status: RunStatus = "completed"
-        for epoch in range(progress.epoch + 1, self.config.epochs + 1):
-            epoch_started = time.monotonic()
-            train_metrics = self._train_epoch(run, progress, epoch, started)
-            if not isinstance(train_metrics, dict):
-                status = train_metrics  # stopped mid-epoch: the epoch does not count, resuming repeats it
-                break
-            val_metrics = self._evaluate(run, "val", EvalSettings.from_config(self.config))
-            if self._end_epoch(run, progress, epoch, train_metrics, val_metrics, time.monotonic() - epoch_started):
-                status = "early_stopped"
-                break
-
+        status = self._train(run, progress, stop)
         threshold, test_metrics = None, None
         if status in ("completed", "early_stopped") and self.best_path.exists():
-            threshold, test_metrics = self._finish(run)
+            try:
+                threshold, test_metrics = self._finish(run, stop)
+            except EvaluationStopped:
+                # Training is over and checkpointed: a resumed run does only this end of the run.
+                status = stop.reason() or "cancelled"
         self._write_metrics(progress, threshold, test_metrics)
         result = TrainResult(
             status=status, epochs_run=progress.epoch, best=progress.best if progress.best["epoch"] else {},
@@ -314,24 +373,47 @@ class Trainer:
             else:  # EMA switched on for the resumed part: start it from the current weights
                 run.ema.model.load_state_dict(state["model"])
         restore_rng_state(state["rng"])
+        tally = state.get("epoch_tally")  # these three are absent from checkpoints of older versions
         return _Progress(epoch=state["epoch"], global_step=state["global_step"], best=state["best"],
-                         history=state["history"], epochs_without_improvement=state["epochs_without_improvement"])
+                         history=state["history"], epochs_without_improvement=state["epochs_without_improvement"],
+                         step_in_epoch=state.get("step_in_epoch", 0), finished=state.get("finished"),
+                         tally=_EpochTally.from_state_dict(tally, run.device) if tally else None)
 
-    # --- one epoch ------------------------------------------------------------------------------
-    def _train_epoch(self, run: _Run, progress: _Progress, epoch: int, started: float) -> dict[str, float] | RunStatus:
-        """Train one epoch; its metrics, or why it stopped before the end."""
+    # --- the epochs -----------------------------------------------------------------------------
+    def _train(self, run: _Run, progress: _Progress, stop: _StopCondition) -> RunStatus:
+        """Train the epochs left; how training ended. A stop, in training or in validation, ends
+        in a checkpoint of the steps done, so a resumed run repeats none of them."""
+        # Judged against this run's config: a finished run resumed with more epochs trains on.
+        progress.finished = self._finished(progress)
+        while not progress.finished:
+            epoch = progress.epoch + 1
+            train_metrics = self._train_epoch(run, progress, epoch, stop)
+            if not isinstance(train_metrics, dict):
+                return self._save_stopped(run, progress, train_metrics)
+            try:
+                val_metrics = self._evaluate(run, "val", EvalSettings.from_config(self.config), cancel=stop)
+            except EvaluationStopped:
+                # Every step of the epoch is in the checkpoint: a resumed run only validates again.
+                return self._save_stopped(run, progress, stop.reason() or "cancelled")
+            self._end_epoch(run, progress, epoch, train_metrics, val_metrics)
+        return progress.finished
+
+    def _train_epoch(self, run: _Run, progress: _Progress, epoch: int,
+                     stop: _StopCondition) -> dict[str, float] | RunStatus:
+        """Train one epoch, or what is left of one after a checkpoint taken inside it; its
+        metrics, or why it stopped before the end (the steps done are in ``progress``)."""
         cfg = self.config
-        run.sampler.set_epoch(epoch)
+        if progress.tally is None:  # a new epoch, not one resumed inside
+            progress.tally = _EpochTally(run.device)
+        # From the first sample not trained on yet: the ones before are neither loaded nor augmented.
+        run.sampler.set_epoch(epoch, start=progress.step_in_epoch * cfg.batch_size)
         run.model.train()
-        epoch_counts = torch.zeros(4, dtype=torch.int64, device=run.device)
-        epoch_loss = torch.zeros((), device=run.device)
-        seen = 0
         window = _StepWindow(run.device)
-        last_step = len(run.train_loader)
-        for step, batch in enumerate(run.train_loader, start=1):
-            stop = self._stop_reason(started)
-            if stop:
-                return stop
+        for step, batch in enumerate(run.train_loader, start=progress.step_in_epoch + 1):
+            reason = stop.reason()
+            if reason:
+                self._report_steps(run, progress, epoch, window)
+                return reason
             a, b, label = run.train_step.inputs(batch)
             loss, logits = run.train_step(a, b, label)
             lr = run.optimizer.param_groups[0]["lr"]
@@ -339,34 +421,46 @@ class Trainer:
             if run.ema is not None:
                 run.ema.update(run.model)
             progress.global_step += 1
+            progress.step_in_epoch = step
 
             counts = confusion_counts(logits, label, cfg.threshold)
-            epoch_counts += counts
-            epoch_loss += loss * a.shape[0]
-            seen += a.shape[0]
-            window.add(loss, counts)
-            if step % cfg.log_every_steps == 0 or step == last_step:
-                mean_loss, metrics, steps = window.read()
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLossError(
-                        f"the training loss is {mean_loss} at step {progress.global_step} (precision "
-                        f"{run.precision.name}, compiled: {run.train_step.compiled}); lower lr, or set amp: false "
-                        f"or compile: false to rule out the fast paths")
-                self.hooks.on_step_end(StepInfo(
-                    epoch=epoch, step_in_epoch=step, steps_per_epoch=run.epoch_steps,
-                    global_step=progress.global_step, loss=mean_loss, lr=lr, metrics=metrics.as_dict(), steps=steps,
-                ))
-        return {"loss": float(epoch_loss) / max(seen, 1), **ChangeMetrics.from_counts(epoch_counts).as_dict()}
+            progress.tally.add(loss, counts, a.shape[0])
+            window.add(loss, counts, lr)
+            if step % cfg.log_every_steps == 0 or step == run.epoch_steps:
+                self._report_steps(run, progress, epoch, window)
+            if self._checkpoint_due(run):
+                # Reported first: the steps a checkpoint holds have been announced, with a finite loss.
+                self._report_steps(run, progress, epoch, window)
+                self._save(run, "last", self._checkpoint_state(run, progress))
+        return progress.tally.metrics()
 
-    def _evaluate(self, run: _Run, role: str, settings: EvalSettings,
-                  histogram: ProbabilityHistogram | None = None) -> dict[str, float]:
+    def _report_steps(self, run: _Run, progress: _Progress, epoch: int, window: _StepWindow) -> None:
+        """Tell the hooks about the steps since the last report; stop the run if the loss diverged."""
+        if not window.steps:
+            return
+        mean_loss, metrics, steps, lr = window.read()
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(
+                f"the training loss is {mean_loss} at step {progress.global_step} (precision "
+                f"{run.precision.name}, compiled: {run.train_step.compiled}); lower lr, or set amp: false "
+                f"or compile: false to rule out the fast paths")
+        self.hooks.on_step_end(StepInfo(
+            epoch=epoch, step_in_epoch=progress.step_in_epoch, steps_per_epoch=run.epoch_steps,
+            global_step=progress.global_step, loss=mean_loss, lr=lr, metrics=metrics.as_dict(), steps=steps,
+        ))
+
+    def _evaluate(self, run: _Run, role: str, settings: EvalSettings, histogram: ProbabilityHistogram | None = None,
+                  *, cancel: CancelToken | None = None) -> dict[str, float]:
         return evaluate_model(run.eval_model, run.eval_loaders[role], run.device, settings, precision=run.precision,
-                              loss_fn=run.loss_fn, channels_last=run.channels_last, histogram=histogram)
+                              loss_fn=run.loss_fn, channels_last=run.channels_last, histogram=histogram,
+                              cancel=cancel)
 
     def _end_epoch(self, run: _Run, progress: _Progress, epoch: int, train_metrics: dict[str, float],
-                   val_metrics: dict[str, float], seconds: float) -> bool:
-        """Record the epoch, checkpoint it, tell the hooks; True when early stopping ends the run."""
+                   val_metrics: dict[str, float]) -> None:
+        """Record the epoch, checkpoint it, tell the hooks; the last epoch or early stopping
+        finishes training."""
         cfg = self.config
+        seconds = progress.tally.seconds()
         is_best = val_metrics["f1"] > progress.best["f1"]
         if val_metrics["f1"] > progress.best["f1"] + cfg.min_delta:
             progress.epochs_without_improvement = 0
@@ -375,25 +469,37 @@ class Trainer:
         if is_best:
             progress.best = {"epoch": epoch, **{k: val_metrics[k] for k in METRIC_NAMES}}
         progress.epoch = epoch
+        progress.step_in_epoch, progress.tally = 0, None
         progress.history.append({
             "epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds,
             "train": train_metrics, "val": val_metrics,
         })
+        progress.finished = "early_stopped" if self._stops_early(progress) else self._finished(progress)
+        # Saved (and uploaded by a hook) before the epoch is announced.
         state = self._checkpoint_state(run, progress)
         if is_best:
-            save_checkpoint(self.best_path, state)
-            self.hooks.on_checkpoint_saved(CheckpointInfo("best", self.best_path, epoch))
-        save_checkpoint(self.last_path, state)
-        self.hooks.on_checkpoint_saved(CheckpointInfo("last", self.last_path, epoch))
+            self._save(run, "best", state)
+        self._save(run, "last", state)
         self._write_metrics(progress, None, None)
         self.hooks.on_epoch_end(EpochInfo(
             epoch=epoch, epochs=cfg.epochs, lr=progress.history[-1]["lr"], train=train_metrics, val=val_metrics,
             is_best=is_best, best_epoch=int(progress.best["epoch"]), best_f1=progress.best["f1"], seconds=seconds,
         ))
+
+    def _stops_early(self, progress: _Progress) -> bool:
+        cfg = self.config
         # Never before the learning rate has had time to decay: an early plateau is not the end.
-        may_stop = epoch >= math.ceil(cfg.min_epochs_fraction * cfg.epochs)
+        may_stop = progress.epoch >= math.ceil(cfg.min_epochs_fraction * cfg.epochs)
         return cfg.patience is not None and may_stop and progress.epochs_without_improvement >= cfg.patience
 
+    def _finished(self, progress: _Progress) -> RunStatus | None:
+        """Why training is over, or None. Early stopping is final; the epochs are counted against
+        this run's ``epochs``."""
+        if progress.finished == "early_stopped":
+            return "early_stopped"
+        return "completed" if progress.epoch >= self.config.epochs else None
+
+    # --- checkpoints ----------------------------------------------------------------------------
     def _checkpoint_state(self, run: _Run, progress: _Progress) -> dict[str, Any]:
         state = {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -401,25 +507,45 @@ class Trainer:
             "schedule": {"total_steps": run.total_steps, "anchor": run.anchor.as_dict() if run.anchor else None},
             "epoch": progress.epoch, "global_step": progress.global_step, "best": progress.best,
             "history": progress.history, "epochs_without_improvement": progress.epochs_without_improvement,
+            "step_in_epoch": progress.step_in_epoch, "finished": progress.finished,
+            "epoch_tally": progress.tally.state_dict() if progress.tally is not None else None,
             "config": self.config.model_dump(), "rng": capture_rng_state(),
         }
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
         return state
 
+    def _save(self, run: _Run, kind: Literal["best", "last"], state: dict[str, Any]) -> None:
+        path = self.best_path if kind == "best" else self.last_path
+        save_checkpoint(path, state)
+        self.hooks.on_checkpoint_saved(CheckpointInfo(
+            kind, path, epoch=state["epoch"], global_step=state["global_step"],
+            step_in_epoch=state["step_in_epoch"], finished=state["finished"] is not None,
+        ))
+        # After the hooks: a slow upload must not make every following step a checkpoint.
+        run.saved_at = time.monotonic()
+
+    def _checkpoint_due(self, run: _Run) -> bool:
+        return self.checkpoint_every_s is not None and time.monotonic() - run.saved_at >= self.checkpoint_every_s
+
+    def _save_stopped(self, run: _Run, progress: _Progress, reason: RunStatus) -> RunStatus:
+        """Checkpoint the steps done of the epoch in progress: a stop loses none of them."""
+        self._save(run, "last", self._checkpoint_state(run, progress))
+        return reason
+
     # --- the end of a run -----------------------------------------------------------------------
-    def _finish(self, run: _Run) -> tuple[dict[str, float], dict[str, float] | None]:
+    def _finish(self, run: _Run, stop: _StopCondition) -> tuple[dict[str, float], dict[str, float] | None]:
         """Tune the decision threshold on validation with the best weights, store it in the best
-        checkpoint, and score the test split with it."""
+        checkpoint, and score the test split with it; raises ``EvaluationStopped`` on a stop."""
         cfg = self.config
         best_state = load_checkpoint(self.best_path, map_location="cpu")
         run.eval_model.load_state_dict(eval_weights(best_state))
         if cfg.tune_threshold:
             histogram = ProbabilityHistogram(run.device)
-            self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), histogram)
+            self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), histogram, cancel=stop)
             threshold = histogram.best().as_dict()
         else:
-            val = self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True))
+            val = self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), cancel=stop)
             threshold = {"threshold": cfg.threshold, **{k: val[k] for k in METRIC_NAMES}}
         best_state["threshold"] = threshold["threshold"]
         save_checkpoint(self.best_path, best_state)
@@ -428,17 +554,9 @@ class Trainer:
         test_metrics = None
         if "test" in run.eval_loaders:
             self.hooks.on_test_start(len(run.splits.valid("test")))
-            test_metrics = self._evaluate(run, "test",
-                                          EvalSettings.from_config(cfg, tta=True, threshold=threshold["threshold"]))
+            test_metrics = self._evaluate(run, "test", EvalSettings.from_config(
+                cfg, tta=True, threshold=threshold["threshold"]), cancel=stop)
         return threshold, test_metrics
-
-    def _stop_reason(self, started: float) -> RunStatus | None:
-        if self.cancel is not None and self.cancel.is_set():
-            return "cancelled"
-        limit = self.config.time_limit_minutes
-        if limit is not None and time.monotonic() - started > limit * 60:
-            return "time_limit"
-        return None
 
     def _write_metrics(self, progress: _Progress, threshold: dict | None, test: dict | None) -> None:
         document: dict[str, Any] = {"best": progress.best if progress.best["epoch"] else None,

@@ -113,23 +113,30 @@ class EpochShuffleSampler(Sampler):
     """A permutation drawn from ``(seed, epoch)``, yielding ``(epoch, index)`` keys.
 
     Carrying the epoch in the key (instead of a dataset attribute) keeps it correct in persistent
-    workers, and the order needs no state beyond the epoch number to resume exactly.
+    workers, and the order needs no state beyond the epoch number (and, inside an epoch, the
+    position reached) to resume exactly.
     """
 
     def __init__(self, length: int, seed: int) -> None:
         self.length = length
         self.seed = seed
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Yield ``epoch``'s permutation from position ``start`` on: a run resumed inside an epoch
+        skips the samples it already trained on, without loading or augmenting them."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.epoch = epoch
+        self.start = start
 
     def __len__(self) -> int:
-        return self.length
+        return max(0, self.length - self.start)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        for index in torch.randperm(self.length, generator=generator).tolist():
+        for index in torch.randperm(self.length, generator=generator)[self.start:].tolist():
             yield self.epoch, index
 
 
