@@ -205,6 +205,14 @@ def test_job_runs_are_found_again_and_statuses_map(store):
     other, _ = start_job_run(store.client, "cdtrain-tests", job_id="job-other", dataset_uri="s3://b/x", source="bucket")
     assert created and not created_again and again == run_id and other != run_id
     assert store.client.get_run(run_id).data.tags["source"] == "bucket"
+    # A worker shutdown left it KILLED ("cancelled"); the attempt that resumes it runs it again.
+    tracker = MlflowJobTracker(store.client, "cdtrain-tests")
+    tracker.fail(run_id, "cancelled")
+    assert store.client.get_run(run_id).info.status == "KILLED"
+    assert start_job_run(store.client, "cdtrain-tests", job_id="job-redelivered", dataset_uri="s3://b/x",
+                         source="bucket") == (run_id, False)
+    resumed = store.client.get_run(run_id)
+    assert resumed.info.status == "RUNNING" and "failure_reason" not in resumed.data.tags
     assert [mlflow_run_status(s) for s in ("completed", "early_stopped", "time_limit", "cancelled", None)] == [
         "FINISHED", "FINISHED", "FINISHED", "KILLED", "FAILED"]
 
@@ -434,11 +442,12 @@ class _RacingClient(MlflowClient):
         if key == "promotion_request" and self.asked is not None:
             self.asked.set()
 
-    def search_model_versions(self, *args, **kwargs):  # only the settle searches
-        if self.hold_until is not None and not self.held:
+    def search_model_versions(self, filter_string=None, *args, **kwargs):
+        # The settle searches by name (the registration looks up its run's versions by run_id).
+        if self.hold_until is not None and not self.held and filter_string.startswith("name ="):
             self.held = True
             assert self.hold_until.wait(30)
-        return super().search_model_versions(*args, **kwargs)
+        return super().search_model_versions(filter_string, *args, **kwargs)
 
 
 def _table_judge(f1_on_my_data: dict[int | None, float], mine: float):
@@ -560,6 +569,10 @@ class _BrokenClient:
         self.calls += 1
         raise OSError("disk full")
 
+    def get_metric_history(self, *args, **kwargs):
+        self.calls += 1
+        raise MlflowException("tracking server said no")
+
 
 class _StuckClient:
     def __init__(self):
@@ -571,6 +584,9 @@ class _StuckClient:
 
     def log_artifact(self, *args, **kwargs):
         self.release.wait(30)
+
+    def get_metric_history(self, *args, **kwargs):
+        return []
 
 
 def test_mlflow_errors_are_counted_not_raised(tmp_path):
@@ -585,8 +601,9 @@ def test_mlflow_errors_are_counted_not_raised(tmp_path):
     hooks.on_step_end(bad)  # a bug in the hook itself is caught too
     hooks.on_run_end(_result(tmp_path))  # drains the queue, never raises
     health = hooks.health
-    # params+tags, 2 step batches, 1 epoch batch, final metrics, 2 artifacts; plus the bad step
-    assert client.calls == 7 and health.errors == 8
+    # params+tags, the read of what earlier attempts logged, 2 step batches, 1 epoch batch, final
+    # metrics, 2 artifacts; plus the bad step
+    assert client.calls == 8 and health.errors == 9
     assert not health.ok and health.pending == 0
     assert any("tracking server said no" in e for e in health.last_errors)
     assert any("disk full" in e for e in health.last_errors)
@@ -609,8 +626,9 @@ def test_a_stuck_tracking_server_never_blocks_steps_and_drops_only_step_metrics(
     hooks.on_run_end(_result(tmp_path))
     assert time.monotonic() - started < 5
     health = hooks.health
-    # In flight + 2 step batches + epoch metrics + final metrics + 2 artifacts were left unsent.
-    assert health.pending == 7 and not health.ok
+    # In flight + the read of earlier attempts' metrics + 2 step batches + epoch metrics + final
+    # metrics + 2 artifacts were left unsent.
+    assert health.pending == 8 and not health.ok
     client.release.set()
 
 
@@ -707,6 +725,8 @@ def test_rest_server_end_to_end(mlflow_server, trained, levir_samples, tmp_path,
 
     first = register_and_promote(client, run_id, "cd-rest", info.val_f1, judge=judge(run_id), settle_s=0.2)
     assert first.promoted and first.stage == "Production", first.reason
+    # A later attempt of the job finds the run's version over REST (a run_id search) and its decision.
+    assert register_and_promote(client, run_id, "cd-rest", info.val_f1, judge=judge(run_id)) == first
 
     # The same weights again: the champion is downloaded over REST and scored; a tie keeps it.
     other_run = _cheap_run(client, client.get_run(run_id).info.experiment_id, tmp_path)

@@ -9,6 +9,12 @@ counted) rather than queued without bound. Everything else (params, tags, epoch 
 metrics and artifacts) is never dropped. ``on_run_end`` waits up to ``final_flush_timeout_s`` for
 the queue to drain, so when ``Trainer.fit`` returns the run holds everything that could be logged.
 
+A later attempt of a job logs into the run the earlier attempts used, and repeats what they
+trained after their last checkpoint (all of it, when they died before the first). Before any metric is
+sent, the sender reads what the run holds: step metrics up to its last logged step and epoch
+metrics of the epochs it has are not logged again, and the epochs of the checkpoint's history
+that it lacks (an attempt killed before its sender caught up) are logged as they would have been.
+
 Failures are logged as warnings and counted in :attr:`MlflowHooks.health`; they never raise into
 the trainer.
 """
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "train_config.yaml"
 METRICS_ARTIFACT = "metrics.json"
+STEP_SERIES = "step_loss"  # logged at every reported step: its last step is where a run's steps stand
+EPOCH_SERIES = "val_f1"  # logged once per epoch, in the one batch that carries all of the epoch's metrics
 _MAX_KEPT_ERRORS = 20
 
 
@@ -85,6 +93,36 @@ class TrackingHealth:
     @property
     def ok(self) -> bool:
         return self.errors == 0 and self.dropped_step_metrics == 0 and self.pending == 0
+
+
+@dataclass(frozen=True)
+class _LoggedBefore:
+    """What earlier attempts logged into the run, never to be logged twice."""
+
+    last_step: int = 0
+    epochs: frozenset[int] = frozenset()
+
+
+def _epoch_metrics(epoch: int, lr: float, seconds: float, train: Mapping[str, Any], val: Mapping[str, Any],
+                   best_f1: float, now: int) -> list[Metric]:
+    """An epoch's metrics at step = epoch: ``train_*``, ``val_*``, ``lr``, ``epoch_seconds``,
+    ``best_val_f1_so_far``."""
+    values: dict[str, float] = {}
+    for prefix, metrics in (("train", train), ("val", val)):
+        values.update({f"{prefix}_{k}": v for k, v in metrics.items() if _is_number(v)})
+    values.update(lr=lr, epoch_seconds=seconds, best_val_f1_so_far=best_f1)
+    return [Metric(k, float(v), now, epoch) for k, v in values.items()]
+
+
+def _history_metrics(history: tuple[Mapping[str, Any], ...], now: int) -> list[Metric]:
+    """The metrics ``on_epoch_end`` logged for each epoch of a checkpoint's history; the best F1
+    so far is the running maximum of the validation F1, as the trainer keeps it."""
+    metrics, best_f1 = [], -math.inf
+    for record in history:
+        best_f1 = max(best_f1, float(record["val"]["f1"]))
+        metrics += _epoch_metrics(int(record["epoch"]), record["lr"], record["seconds"], record["train"],
+                                  record["val"], best_f1, now)
+    return metrics
 
 
 class _Sender:
@@ -158,7 +196,7 @@ class MlflowHooks(TrainerHooks):
 
     * run start: the resolved config as params; tags ``device``, ``precision``, ``compiled``,
       ``parameters``, ``train_pairs``, ``val_pairs``, ``steps_per_epoch``, ``total_steps``,
-      ``start_epoch``.
+      ``start_epoch``, ``start_step``; when resumed, the history's epochs the run lacks.
     * each step (step = global step, batched): ``step_loss``, ``step_f1``, ``step_lr``.
     * each epoch (step = epoch): ``train_*`` and ``val_*`` (loss, f1, iou, precision, recall,
       accuracy), ``lr``, ``epoch_seconds``, ``best_val_f1_so_far``.
@@ -185,6 +223,7 @@ class MlflowHooks(TrainerHooks):
         self._errors: collections.deque[str] = collections.deque(maxlen=_MAX_KEPT_ERRORS)
         self._lock = threading.Lock()
         self._step_buffer: list[Metric] = []
+        self._logged_before = _LoggedBefore()  # read and written by the sender thread only
         self._config: dict[str, Any] | None = None
         self._tmp = Path(tempfile.mkdtemp(prefix="cdtrain-mlflow-"))
         self._closed = False
@@ -230,12 +269,16 @@ class MlflowHooks(TrainerHooks):
             "device": info.device, "precision": info.precision, "compiled": str(info.compiled).lower(),
             "parameters": info.parameters, "train_pairs": info.train_pairs, "val_pairs": info.val_pairs,
             "steps_per_epoch": info.steps_per_epoch, "total_steps": info.total_steps,
-            "start_epoch": info.start_epoch,
+            "start_epoch": info.start_epoch, "start_step": info.start_step,
         }.items()]
         for i in range(0, max(len(params), len(tags)), MAX_PARAMS_TAGS_PER_BATCH):
             chunk_p, chunk_t = params[i : i + MAX_PARAMS_TAGS_PER_BATCH], tags[i : i + MAX_PARAMS_TAGS_PER_BATCH]
             self._submit("log config params and run tags",
                          lambda p=chunk_p, t=chunk_t: self.client.log_batch(self.run_id, params=p, tags=t))
+        # Also for a run that starts at step 0: an earlier attempt killed before its first
+        # checkpoint logged steps that this one trains again.
+        history = _history_metrics(info.history, _now_ms())
+        self._submit("read what earlier attempts logged", lambda: self._catch_up(history))
 
     @_never_raises
     def on_step_end(self, info: StepInfo) -> None:
@@ -252,13 +295,8 @@ class MlflowHooks(TrainerHooks):
     @_never_raises
     def on_epoch_end(self, info: EpochInfo) -> None:
         self._flush_steps()
-        now = _now_ms()
-        values: dict[str, float] = {}
-        for prefix, metrics in (("train", info.train), ("val", info.val)):
-            values.update({f"{prefix}_{k}": v for k, v in metrics.items() if _is_number(v)})
-        values.update(lr=info.lr, epoch_seconds=info.seconds, best_val_f1_so_far=info.best_f1)
-        metrics = [Metric(k, float(v), now, info.epoch) for k, v in values.items()]
-        self._submit(f"log epoch {info.epoch} metrics", lambda: self._log_metrics(metrics))
+        metrics = _epoch_metrics(info.epoch, info.lr, info.seconds, info.train, info.val, info.best_f1, _now_ms())
+        self._submit(f"log epoch {info.epoch} metrics", lambda: self._log_metrics(self._new_epochs(metrics)))
 
     @_never_raises
     def on_run_end(self, result: TrainResult) -> None:
@@ -306,7 +344,7 @@ class MlflowHooks(TrainerHooks):
         if not self._step_buffer:
             return
         batch, self._step_buffer = self._step_buffer, []
-        accepted = self._sender.submit("log step metrics", lambda: self._log_metrics(batch),
+        accepted = self._sender.submit("log step metrics", lambda: self._log_metrics(self._new_steps(batch)),
                                        droppable_cost=len(batch), max_droppable=self.max_step_backlog)
         if not accepted:
             with self._lock:
@@ -314,6 +352,21 @@ class MlflowHooks(TrainerHooks):
             if not self._closed:
                 log.warning("MLflow run %s: tracking server lags; dropped %d step metric values",
                             self.run_id, len(batch))
+
+    # In the sender thread: it runs calls in order, so the catch-up is done before the first
+    # metric is filtered.
+    def _catch_up(self, history: list[Metric]) -> None:
+        """Read what the run holds, then log the history's epochs it lacks."""
+        last_step = max((m.step for m in self.client.get_metric_history(self.run_id, STEP_SERIES)), default=0)
+        epochs = frozenset(m.step for m in self.client.get_metric_history(self.run_id, EPOCH_SERIES))
+        self._logged_before = _LoggedBefore(last_step, epochs | {m.step for m in history})
+        self._log_metrics([m for m in history if m.step not in epochs])
+
+    def _new_steps(self, metrics: list[Metric]) -> list[Metric]:
+        return [m for m in metrics if m.step > self._logged_before.last_step]
+
+    def _new_epochs(self, metrics: list[Metric]) -> list[Metric]:
+        return [m for m in metrics if m.step not in self._logged_before.epochs]
 
     def _log_metrics(self, metrics: list[Metric], tags: list[RunTag] | None = None) -> None:
         tags = tags or []

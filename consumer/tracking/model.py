@@ -22,6 +22,8 @@ and the registry needs exactly that to score a production model on a new job's d
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -39,7 +41,9 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-from snunet_cbam.checkpoint import decision_threshold, load_checkpoint, model_from_checkpoint, save_model_checkpoint
+from schemas.training import TrainConfig
+from snunet_cbam.checkpoint import (decision_threshold, eval_weights, load_checkpoint, model_from_checkpoint,
+                                   save_model_checkpoint)
 from snunet_cbam.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
 from .hooks import config_params
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "snunet-cbam-change-detection"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/best.pt"  # run artifact: the checkpoint a logged model came from
+DIGEST_TAG = "checkpoint_digest"  # logged-model tag: checkpoint_digest() of the checkpoint it was built from
 MIN_SIDE = 16  # the padding is a reflection, which needs the side to exceed the pad (<= 15)
 _MULTIPLE = 16  # four 2x poolings
 _CHECK_SHAPE = (2, 6, 40, 56)  # odd batch/height/width the export must also handle
@@ -110,6 +115,23 @@ def log_checkpoint(client: MlflowClient, run_id: str, checkpoint: Path | str | d
         save_model_checkpoint(state, staged)
         client.log_artifact(run_id, str(staged), CHECKPOINT_DIR)
     return CHECKPOINT_ARTIFACT
+
+
+def checkpoint_digest(checkpoint: Path | str | dict[str, Any]) -> str:
+    """A digest of what a logged model is built from: the validated weights, the config, the
+    epoch and the decision threshold. The trainer rewrites ``best.pt`` (the threshold is added
+    at the end of the run), so the file's bytes would not do; equal digests, equal models."""
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
+    config = TrainConfig.model_validate(state["config"])
+    digest = hashlib.sha256(json.dumps({
+        "config": config.model_dump(mode="json"), "epoch": state.get("epoch"),
+        "threshold": decision_threshold(state, config),
+    }, sort_keys=True).encode())
+    for name, tensor in sorted(eval_weights(state).items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def default_input_example(size: int = 64, seed: int = 0) -> np.ndarray:
@@ -201,7 +223,8 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: Path | st
         "base_channel": config.base_channel, "use_attention": config.use_attention,
         "checkpoint_epoch": epoch, "val_f1": val_f1,
     }
-    model_tags = {"output": output, **({"val_f1": repr(val_f1)} if val_f1 is not None else {}), **(tags or {})}
+    model_tags = {"output": output, DIGEST_TAG: checkpoint_digest(state),
+                  **({"val_f1": repr(val_f1)} if val_f1 is not None else {}), **(tags or {})}
 
     run = client.get_run(run_id)
     # Before the model: a READY model whose checkpoint is missing could never be judged against a

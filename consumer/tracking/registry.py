@@ -15,8 +15,17 @@ Policy (aliases are the source of truth; legacy stages are mirrored where the se
   never replaced automatically (the judge says no, and the settling below never moves it);
 * every new version records the decision in words: ``promotion`` (``promoted`` | ``kept``),
   ``promotion_reason``, and the verdict's numbers (``challenger_f1``, ``champion_f1``,
-  ``all_change_f1``, ``quality_gate``); a promoted one also ``promoted_over`` and
-  ``previous_production_f1`` (the old version's ``val_f1`` tag).
+  ``all_change_f1``, ``quality_gate``); when it was judged against a production version also
+  ``champion_version`` and ``previous_production_f1`` (that version's ``val_f1`` tag), and a
+  promoted one ``promoted_over``. ``promotion`` is written last: its presence means the decision
+  is complete.
+
+One version per job: a job has one run across its attempts, so the versions of ``model_name``
+whose ``run_id`` is the job's run are the job's. A later attempt (the worker died, the job was
+redelivered) reuses the job's version: with its decision recorded, it returns that decision
+without judging again; without one, it finishes staging and promotion. Two attempts that both
+found none and both created one converge: each looks again after creating, the lowest version
+is the job's, and the others are deleted (their aliases moved to it first).
 
 Concurrency: MLflow has no compare-and-set on aliases, so workers finishing together cooperate.
 A worker whose judge says yes re-reads production (it may have moved while the champion was
@@ -51,6 +60,7 @@ from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,7 @@ F1_TAG = "val_f1"
 REQUEST_TAG = "promotion_request"  # "<epoch ms> v<base>" or "<epoch ms> none"
 MODEL_ID_TAG = "logged_model_id"
 PROMOTION_TAG, REASON_TAG = "promotion", "promotion_reason"
+CHAMPION_TAG, PREVIOUS_F1_TAG, PROMOTED_OVER_TAG = "champion_version", "previous_production_f1", "promoted_over"
 PROMOTED, KEPT = "promoted", "kept"
 
 
@@ -98,18 +109,29 @@ class RegistrationResult:
     decision_tags: dict[str, str] = field(default_factory=dict)  # what was tagged on the version
 
 
-def find_logged_model(client: MlflowClient, run_id: str, name: str = "model") -> str:
-    """The id of the READY logged model called ``name`` that ``run_id`` produced (latest step)."""
+def find_logged_model(client: MlflowClient, run_id: str, name: str = "model", *,
+                      tags: Mapping[str, str] | None = None) -> str:
+    """The id of the READY logged model called ``name`` that ``run_id`` produced (latest step),
+    among those carrying all of ``tags`` when given."""
     run = client.get_run(run_id)
     outputs = run.outputs.model_outputs if run.outputs else []
     candidates = []
     for output in outputs:
         model = client.get_logged_model(output.model_id)
-        if model.name == name and model.status == LoggedModelStatus.READY:
+        if (model.name == name and model.status == LoggedModelStatus.READY
+                and all(model.tags.get(k) == v for k, v in (tags or {}).items())):
             candidates.append((output.step, model.creation_timestamp, model.model_id))
     if not candidates:
-        raise LookupError(f"run {run_id} has no READY logged model named {name!r}")
+        raise LookupError(f"run {run_id} has no READY logged model named {name!r}"
+                          + (f" tagged {dict(tags)}" if tags else ""))
     return max(candidates)[2]
+
+
+def job_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The version of ``name`` registered from ``run_id`` (one run per job: the job's version),
+    the lowest when a race left several; None when there is none. Reads only."""
+    versions = _run_versions(client, name, run_id)
+    return versions[0] if versions else None
 
 
 def register_and_promote(client: MlflowClient, run_id: str, model_name: str, val_f1: float, *, judge: Judge,
@@ -118,44 +140,132 @@ def register_and_promote(client: MlflowClient, run_id: str, model_name: str, val
                          await_creation_s: int = 300, max_rounds: int = 5) -> RegistrationResult:
     """Create a version of ``model_name`` from ``run_id``'s logged model; stage it; promote it if
     ``judge`` says it may replace production (see the module docstring). ``tags`` go on the new
-    version."""
+    version. Idempotent per run: a run that already has a version reuses it, and one whose
+    decision is recorded gets that decision back without ``judge`` being asked."""
     if not isinstance(val_f1, (int, float)) or not math.isfinite(val_f1):
         raise ValueError(f"val_f1 must be a finite number, got {val_f1!r}")
     val_f1 = float(val_f1)
-    model_id = model_id or find_logged_model(client, run_id)
     _ensure_registered_model(client, model_name)
+    mv = _converge_run_versions(client, model_name, run_id)
+    if mv is None:
+        model_id = model_id or find_logged_model(client, run_id)
+        mv = _create_run_version(client, model_name, run_id, model_id,
+                                 {F1_TAG: repr(val_f1), MODEL_ID_TAG: model_id, **(tags or {})},
+                                 description, await_creation_s)
+    registration_keys = {F1_TAG, MODEL_ID_TAG, REQUEST_TAG, *(tags or {})}
+    recorded = _recorded_outcome(mv, registration_keys)
+    if recorded is not None:
+        log.info("%s v%s was registered for run %s already: %s", model_name, mv.version, run_id, recorded.reason)
+        return recorded
+
+    version = int(mv.version)
+    if _production_version(client, model_name) != version:  # an earlier attempt may have promoted it already
+        _stage(client, model_name, version)
+    verdict, champion, promoted = _promote(client, model_name, version, judge, settle_s=settle_s,
+                                           intent_window_s=intent_window_s, max_rounds=max_rounds)
+    _record_decision(client, model_name, version, _decision(verdict, champion, promoted), registration_keys)
+    # Read back: the result is what the version records, the same as any later attempt gets.
+    outcome = _recorded_outcome(client.get_model_version(model_name, str(version)), registration_keys)
+    log.info("registered %s v%d (val_f1 %.4f): %s", model_name, version, val_f1, outcome.reason)
+    return outcome
+
+
+# --- one version per job --------------------------------------------------------------------------
+def _run_versions(client: MlflowClient, name: str, run_id: str) -> list[ModelVersion]:
+    """The versions of ``name`` registered from ``run_id``, lowest first.
+
+    The filter is ``run_id`` alone, and the name is checked here: ``run_id`` is a column of every
+    version (the filter works on the SQL store and over REST), a run id never needs quoting, and
+    a deleted version loses its run id, so it is never found. A tag filter (``tags.job_id``)
+    silently matched nothing for a value holding an (escaped) quote."""
+    found = client.search_model_versions(f"run_id = '{_quote(run_id)}'")
+    return sorted((mv for mv in found if mv.name == name), key=lambda mv: int(mv.version))
+
+
+def _converge_run_versions(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The run's version, after deleting any other the run has: the lowest is the run's."""
+    versions = _run_versions(client, name, run_id)
+    if not versions:
+        return None
+    keeper, *duplicates = versions
+    for duplicate in duplicates:
+        _delete_duplicate(client, name, int(duplicate.version), int(keeper.version))
+    return keeper
+
+
+def _delete_duplicate(client: MlflowClient, name: str, duplicate: int, keeper: int) -> None:
+    # Deleting a version drops its aliases: move them to the run's version first, so that a
+    # production or staging alias is never lost with a duplicate (normally it has none: only
+    # the lowest version of a run is ever staged).
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        if int(version) == duplicate:
+            _upsert(lambda alias=alias: client.set_registered_model_alias(name, alias, str(keeper)))
+    log.warning("%s: v%d duplicates v%d (same run); deleting it", name, duplicate, keeper)
+    try:
+        client.delete_model_version(name, str(duplicate))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # another attempt deleted it first
+            raise
+
+
+def _create_run_version(client: MlflowClient, name: str, run_id: str, model_id: str, tags: dict[str, str],
+                        description: str | None, await_creation_s: int) -> ModelVersion:
+    """Create a version from ``model_id``, then converge with any attempt that raced us."""
     # The source is the logged model's storage location, not ``models:/<id>``: MLflow's SQL
     # registry resolves a ``models:/`` source through the *global* tracking URI (a TODO in its
     # code), which breaks a client built for another store; a REST server accepts either.
     source = client.get_logged_model(model_id).artifact_location
-    mv = client.create_model_version(
-        model_name, source=source, run_id=run_id, model_id=model_id,
-        # MLflow's SQL registry does not store ``model_id``; the tag keeps the link everywhere.
-        tags={F1_TAG: repr(val_f1), MODEL_ID_TAG: model_id, **(tags or {})}, description=description,
-        await_creation_for=await_creation_s,
-    )
-    version = int(mv.version)
-    client.set_registered_model_alias(model_name, STAGING, str(version))
-    stage = _transition(client, model_name, version, "Staging", archive=False)
+    # MLflow's SQL registry does not store ``model_id``; the logged_model_id tag keeps the link.
+    created = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id, tags=tags,
+                                          description=description, await_creation_for=await_creation_s)
+    return _converge_run_versions(client, name, run_id) or created
 
-    verdict, champion, promoted = _promote(client, model_name, version, judge, settle_s=settle_s,
-                                           intent_window_s=intent_window_s, max_rounds=max_rounds)
-    decision = {PROMOTION_TAG: PROMOTED if promoted else KEPT, REASON_TAG: verdict.reason, **verdict.tags}
-    if promoted and champion is not None:
-        decision["promoted_over"] = str(champion.version)
+
+def _stage(client: MlflowClient, name: str, version: int) -> None:
+    """Alias ``staging`` (legacy stage ``Staging``), unless a newer version holds the alias: a
+    later attempt finishing an old version must not take it back."""
+    staged = (client.get_registered_model(name).aliases or {}).get(STAGING)
+    if staged is None or int(staged) <= version:
+        _upsert(lambda: client.set_registered_model_alias(name, STAGING, str(version)))
+    _transition(client, name, version, "Staging", archive=False)
+
+
+def _decision(verdict: Verdict, champion: Champion | None, promoted: bool) -> dict[str, str]:
+    decision = {REASON_TAG: verdict.reason, **verdict.tags}
+    if champion is not None:
+        decision[CHAMPION_TAG] = str(champion.version)
         if champion.val_f1 is not None:
-            decision["previous_production_f1"] = repr(champion.val_f1)
-    for key, value in decision.items():
-        client.set_model_version_tag(model_name, str(version), key, value)
-    if stage is not None:  # a settle (ours or another worker's) may have moved it
-        stage = _current_stage(client, model_name, version)
+            decision[PREVIOUS_F1_TAG] = repr(champion.val_f1)
+        if promoted:
+            decision[PROMOTED_OVER_TAG] = str(champion.version)
+    decision[PROMOTION_TAG] = PROMOTED if promoted else KEPT
+    return decision
 
-    log.info("registered %s v%d (val_f1 %.4f): %s", model_name, version, val_f1, verdict.reason)
+
+def _record_decision(client: MlflowClient, name: str, version: int, decision: Mapping[str, str],
+                     registration_keys: set[str]) -> None:
+    """Tag the decision, ``promotion`` last, so that its presence means the decision is complete;
+    a concurrent attempt of the same job that recorded one first keeps it."""
+    if _recorded_outcome(client.get_model_version(name, str(version)), registration_keys) is not None:
+        return
+    for key, value in sorted(decision.items(), key=lambda item: item[0] == PROMOTION_TAG):
+        _upsert(lambda key=key, value=value: client.set_model_version_tag(name, str(version), key, value))
+
+
+def _recorded_outcome(mv: ModelVersion, registration_keys: set[str]) -> RegistrationResult | None:
+    """The outcome ``mv``'s tags record, or None when its decision is not (completely) recorded.
+    ``registration_keys``: the tags set at creation, which are not part of the decision."""
+    tags = mv.tags or {}
+    if PROMOTION_TAG not in tags:
+        return None
+    promoted = tags[PROMOTION_TAG] == PROMOTED
+    champion = tags.get(CHAMPION_TAG)
     return RegistrationResult(
-        name=model_name, version=version, alias=PRODUCTION if promoted else STAGING, promoted=promoted,
-        previous_production_version=champion.version if champion else None, stage=stage, val_f1=val_f1,
-        previous_production_f1=champion.val_f1 if champion else None, reason=verdict.reason,
-        decision_tags=decision,
+        name=mv.name, version=int(mv.version), alias=PRODUCTION if promoted else STAGING, promoted=promoted,
+        previous_production_version=int(champion) if champion and champion.isdigit() else None,
+        stage=_stage_name(mv), val_f1=_as_f1(tags.get(F1_TAG)),
+        previous_production_f1=_as_f1(tags.get(PREVIOUS_F1_TAG)), reason=tags.get(REASON_TAG, ""),
+        decision_tags={k: v for k, v in tags.items() if k not in registration_keys},
     )
 
 
@@ -170,7 +280,12 @@ def _promote(client: MlflowClient, name: str, version: int, judge: Judge, *, set
     for _ in range(max_rounds):
         champion = _production(client, name)
         if champion is not None and champion.version == version:  # another worker's settle put it there
-            return verdict, _base_of(client, name, version), True
+            base = _base_of(client, name, version)
+            if not verdicts:  # before any judgement here: an earlier or concurrent attempt of this job asked
+                verdict = Verdict(True, "already in production, promoted over "
+                                        f"{f'v{base.version}' if base else 'no production version'} at the "
+                                        "request of another attempt of this job")
+            return verdict, base, True
         key = champion.version if champion else None
         if key not in verdicts:
             verdicts[key] = judge(champion)
@@ -203,8 +318,8 @@ def _withdraw(client: MlflowClient, name: str, version: int) -> None:
 
 def _request(client: MlflowClient, name: str, version: int, base: int | None) -> None:
     # One tag for time and base: two tags would let a settle see one without the other.
-    client.set_model_version_tag(name, str(version), REQUEST_TAG,
-                                 f"{_now_ms()} {'none' if base is None else f'v{base}'}")
+    request = f"{_now_ms()} {'none' if base is None else f'v{base}'}"
+    _upsert(lambda: client.set_model_version_tag(name, str(version), REQUEST_TAG, request))
 
 
 @dataclass(frozen=True)
@@ -278,12 +393,24 @@ def _settle(client: MlflowClient, name: str, intent_window_s: float) -> int | No
         if current_version is not None:
             log.warning("%s: concurrent promotions; putting v%d in production instead of v%d", name, best,
                         current_version)
-        client.set_registered_model_alias(name, PRODUCTION, str(best))
+        _upsert(lambda: client.set_registered_model_alias(name, PRODUCTION, str(best)))
         _transition(client, name, best, "Production", archive=True)
     return best
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _upsert(write: Callable[[], object]) -> None:
+    """Set an alias or a tag. MLflow's SQL registry writes them as select-then-insert: two workers
+    writing the same new key at once make one fail on the unique key (``BAD_REQUEST``, seen with
+    two attempts of one job staging together). The key exists then, so a second write updates it."""
+    try:
+        write()
+    except MlflowException as exc:
+        if exc.error_code != "BAD_REQUEST":
+            raise
+        write()
+
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.get_registered_model(name)
@@ -342,7 +469,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _current_stage(client: MlflowClient, name: str, version: int) -> str | None:
-    with contextlib.suppress(Exception):
-        return client.get_model_version(name, str(version)).current_stage
-    return None
+def _stage_name(mv: ModelVersion) -> str | None:
+    """The version's legacy stage; None where the registry has no stages (or it has none)."""
+    stage = getattr(mv, "current_stage", None)
+    return stage if stage and stage != "None" else None

@@ -9,6 +9,7 @@ from mlflow.exceptions import MlflowException
 from snunet_cbam.hooks import RunStatus as TrainStatus
 
 JOB_ID_TAG = "job_id"
+FAILURE_TAG = "failure_reason"
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
@@ -38,6 +39,9 @@ def start_job_run(client: MlflowClient, experiment: str, *, job_id: str, dataset
         run = found[0]
         if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
             client.update_run(run.info.run_id, status="RUNNING")
+            # The earlier attempt's stop ("cancelled" when its worker shut down) no longer holds.
+            if FAILURE_TAG in run.data.tags:
+                client.delete_tag(run.info.run_id, FAILURE_TAG)
         return run.info.run_id, False
     run = client.create_run(experiment_id, run_name=run_name or f"job-{job_id}", tags={
         JOB_ID_TAG: job_id, "dataset_uri": dataset_uri, "source": source, **(tags or {}),
