@@ -85,12 +85,17 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
             bus = await connected_bus()
             watchdog = Watchdog(bus, views, stale_after=settings.stale_after, step_stall=settings.step_stall,
                                 job_deadline=settings.job_deadline, source=_source("watchdog"))
-            tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop)))
+            tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop,
+                                                           sweep_interval=settings.watchdog_interval)))
         if "consumer" in roles:
             if "ingress" not in roles and not ingress_settings.view_store_url.startswith("mongodb"):
-                # The worker reads cancel requests from the views the ingress writes; a file of
-                # this process is not those, so only bus commands (running jobs) would reach it.
-                log.warning("CDTRAIN_MONGODB_URL is not set: this worker cannot see jobs cancelled while queued")
+                # The worker claims jobs in, and reads cancel requests from, the views the ingress
+                # and the projector share; a file of this process is not those.
+                log.warning("CDTRAIN_MONGODB_URL is not set: this worker cannot see jobs cancelled while queued, "
+                            "nor tell that another worker holds a job")
+            if not settings.checkpoints_at.startswith("s3://") and not settings.embedded_bus:
+                log.warning("CDTRAIN_CHECKPOINT_URI is not s3://: checkpoints stay on this machine (%s), and a job "
+                            "resumes only here", settings.checkpoints_at)
             tasks.append(asyncio.create_task(_run_consumer(settings, await connected_bus(), objects, views, stop)))
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
@@ -118,7 +123,7 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, vie
     await asyncio.to_thread(importlib.import_module, "consumer.tracking.job_tracker")
     from mlflow import MlflowClient
 
-    from consumer.cancellation import ViewCancellations
+    from consumer.checkpoints import CheckpointStore
     from consumer.roles import run_worker
     from consumer.stores import StoreResolver
     from consumer.tracking.job_tracker import MlflowJobTracker
@@ -134,12 +139,16 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, vie
         return tracker
 
     tracker = await asyncio.to_thread(open_tracker)
+    checkpoints = CheckpointStore.at(settings.checkpoints_at, objects)
+    await checkpoints.check()
+    log.info("checkpoints go to %s", settings.checkpoints_at)
     worker = TrainingWorker(
         bus, StoreResolver(objects, allow_local_paths=settings.allow_local_paths), tracker,
         WorkerSettings(work_dir=settings.data_dir / "worker", source=_source("worker"),
-                       heartbeat_interval=settings.heartbeat_interval, config_overrides=settings.worker_config),
-        # Read-only: cancel requests the ingress recorded (a queued job never starts).
-        cancellations=ViewCancellations(views),
+                       heartbeat_interval=settings.heartbeat_interval, checkpoint_every_s=settings.checkpoint_every_s,
+                       config_overrides=settings.worker_config),
+        # Claims (one owner per job) and cancel requests the ingress recorded.
+        views=views, checkpoints=checkpoints,
     )
     await run_worker(bus, worker, stop)
 

@@ -23,8 +23,14 @@ SERVICE_ENV_VARS = {
     "MLFLOW_TRACKING_URI": "MLflow tracking server or store (default sqlite:///<data dir>/mlflow.db)",
     "CDTRAIN_MLFLOW_EXPERIMENT": "MLflow experiment of the job runs (default cdtrain)",
     "CDTRAIN_HEARTBEAT_S": "seconds between a running job's heartbeats, and between its worker's reads of the "
-                           "job view for a cancel request (default 30)",
-    "CDTRAIN_STALE_AFTER_S": "silence after which the watchdog re-queues a job (default 600)",
+                           "job view for a cancel request or a newer attempt (default 20)",
+    "CDTRAIN_STALE_AFTER_S": "silence after which the watchdog re-queues a job (default 120: six heartbeats)",
+    "CDTRAIN_WATCHDOG_INTERVAL_S": "seconds between the watchdog's sweeps (default 30)",
+    "CDTRAIN_CHECKPOINT_URI": "where workers keep job checkpoints, one folder per job: s3://bucket/prefix/ (shared "
+                              "by all workers: a job resumes anywhere) or a local directory (default "
+                              "<data dir>/checkpoints)",
+    "CDTRAIN_CHECKPOINT_EVERY_S": "a checkpoint inside an epoch at least this often, besides every epoch's end "
+                                  "(default 600)",
     "CDTRAIN_STEP_STALL_S": "time without a new training step after which the watchdog re-queues a job in phase "
                             "training though its worker still beats (a hung training thread; default 1800; must "
                             "exceed the longest validation pass and first-step compile)",
@@ -44,8 +50,14 @@ class ServiceSettings(BaseModel):
     data_dir: Path = Path(".cdtrain")
     mlflow_tracking_uri: str
     mlflow_experiment: str = "cdtrain"
-    heartbeat_interval: float = Field(30.0, gt=0)
-    stale_after: float = Field(600.0, gt=0)
+    # A lost worker costs minutes: it is found after stale_after (+ one sweep), and its job
+    # resumes from a checkpoint at most checkpoint_every_s (or one epoch) old.
+    heartbeat_interval: float = Field(20.0, gt=0)
+    stale_after: float = Field(120.0, gt=0)
+    watchdog_interval: float = Field(30.0, gt=0)
+    # s3://bucket/prefix/ or a local directory; None: <data_dir>/checkpoints (see checkpoints_at).
+    checkpoint_uri: str | None = None
+    checkpoint_every_s: float = Field(600.0, gt=0)
     step_stall: float = Field(1800.0, gt=0)
     # 7 days: far above a GPU run of the shipped recipe (hours) plus a long wait in the queue,
     # short enough that a job nobody watches does not hold a GPU or a queue slot for weeks.
@@ -57,6 +69,10 @@ class ServiceSettings(BaseModel):
     promotion_margin: float = Field(0.10, ge=-1, le=1)
     # Bus connection attempts (2 s apart) of the worker and projector roles before they exit.
     connect_attempts: int = Field(30, ge=1)
+
+    @property
+    def checkpoints_at(self) -> str:
+        return self.checkpoint_uri or str(self.data_dir / "checkpoints")
 
     @property
     def embedded_bus(self) -> bool:
@@ -87,8 +103,11 @@ class ServiceSettings(BaseModel):
             data_dir=data_dir,
             mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir / 'mlflow.db'}"),
             mlflow_experiment=env.get("CDTRAIN_MLFLOW_EXPERIMENT", "cdtrain"),
-            heartbeat_interval=env.get("CDTRAIN_HEARTBEAT_S", 30.0),
-            stale_after=env.get("CDTRAIN_STALE_AFTER_S", 600.0),
+            heartbeat_interval=env.get("CDTRAIN_HEARTBEAT_S", 20.0),
+            stale_after=env.get("CDTRAIN_STALE_AFTER_S", 120.0),
+            watchdog_interval=env.get("CDTRAIN_WATCHDOG_INTERVAL_S", 30.0),
+            checkpoint_uri=env.get("CDTRAIN_CHECKPOINT_URI"),
+            checkpoint_every_s=env.get("CDTRAIN_CHECKPOINT_EVERY_S", 600.0),
             step_stall=env.get("CDTRAIN_STEP_STALL_S", 1800.0),
             job_deadline=env.get("CDTRAIN_JOB_DEADLINE_S", float(DEFAULT_DEADLINE_S)),
             worker_config=worker_config,

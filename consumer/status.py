@@ -59,10 +59,19 @@ class JobStatusPublisher:
 
     async def publish(self, state: JobState, phase: JobPhase | None = None, **fields: Any) -> StatusEvent:
         """Publish and wait for the broker's confirm (raises BusUnavailable if it never comes)."""
-        outgoing = _Outgoing(self._make(state, phase, fields), self._loop.create_future())
+        event = self.make(state, phase, **fields)
+        await self.send(event)
+        return event
+
+    def make(self, state: JobState, phase: JobPhase | None = None, **fields: Any) -> StatusEvent:
+        """The next event, numbered, not sent yet (a claim writes it to the view first)."""
+        return self._make(state, phase, fields)
+
+    async def send(self, event: StatusEvent) -> None:
+        """Publish an event made by :meth:`make`, in order, and wait for the broker's confirm."""
+        outgoing = _Outgoing(event, self._loop.create_future())
         await self._queue.put(outgoing)
         await outgoing.done
-        return outgoing.event
 
     def emit_threadsafe(self, state: JobState, phase: JobPhase | None = None, **fields: Any) -> None:
         """From the training thread: queue the event and return at once (training never waits)."""

@@ -15,9 +15,11 @@ A STARTING or RUNNING view that has not moved for ``stale_after`` seconds lost i
 the job again as a new attempt, or fails it after ``max_attempts``; a job whose cancel was
 requested (DELETE /train/{id}) is ended CANCELLED instead of being run again.
 
-``stale_after`` should be many heartbeat intervals: a worker cut off from the broker for longer
-than that keeps training while the job is re-run elsewhere; the newer attempt's events win the
-view (higher sequence numbers), and the older one's are ignored.
+``stale_after`` should be several heartbeat intervals (the defaults: 20 s beats, 120 s of silence,
+a sweep every 30 s, so a lost worker is found within about 2.5 minutes). A worker that was only
+cut off (from the broker) for longer than that is not lost for good either: the job's view moved
+to the next attempt, and the worker stops at its next read of the view (consumer/ownership.py),
+leaving the job to the attempt that resumes from its checkpoint.
 
 Every job also has a deadline (``deadline_s`` of its request, else ``job_deadline`` from
 ``CDTRAIN_JOB_DEADLINE_S``, counted from submission): past it the job is ended FAILED, queued or
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 
 
 class Watchdog:
-    def __init__(self, bus: MessageBus, views: JobViewStore, *, stale_after: float = 600.0,
+    def __init__(self, bus: MessageBus, views: JobViewStore, *, stale_after: float = 120.0,
                  step_stall: float | None = 1800.0, max_attempts: int = 3,
                  job_deadline: float = DEFAULT_DEADLINE_S, source: str = "/cdtrain/watchdog") -> None:
         self.bus = bus

@@ -6,9 +6,18 @@ channels holding a delivery for 30 minutes. From then on the job is kept alive b
 the projector's watchdog re-queues it if they stop. Training runs in a thread, so the event loop
 keeps serving the broker's heartbeats and the status publisher.
 
+One owner per job (consumer/ownership.py): the worker claims the job by writing its STARTING
+event to the job view with a conditional write before it publishes it; a finished job, or one a
+later attempt holds, is acked and skipped. While training, the worker re-reads the view every
+heartbeat and stops, registering nothing, once a later attempt holds the job.
+
+Resume anywhere (consumer/checkpoints.py): every checkpoint goes to the checkpoint store, and an
+attempt starts from the job's newest one, whichever worker wrote it.
+
 Stopping a job (consumer/cancellation.py): a user's cancel ends it CANCELLED, checked when the
 job is claimed (a cancelled queued job never starts), while its dataset downloads, at every
-training step and before registration; a worker shutdown (``stop``) re-queues it instead.
+training step and before registration; a worker shutdown (``stop``) checkpoints it and re-queues
+it instead, except a job already registering, which finishes.
 """
 
 from __future__ import annotations
@@ -20,12 +29,15 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from consumer.cancellation import CancellationLookup, JobControl, lookup_reason, poll_cancellation
+from consumer.cancellation import JobControl, cancel_reason
+from consumer.checkpoints import CheckpointStore, CheckpointUploader, StoredProgress
 from consumer.dataset_fetch import DatasetFetchError, fetch_config, fetch_dataset
+from consumer.ownership import check_view, claim_job, read_view, watch_job
 from consumer.status import JobStatusPublisher
 from consumer.status_hooks import StatusHooks
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
+from infra.views.store import JobViewStore
 from schemas import ConfigError, JobPhase, JobState, TrainConfig, TrainJob
 from schemas.control import CancelCommand
 from schemas.jobs import ATTEMPT_HEADER
@@ -34,7 +46,7 @@ from snunet_cbam.data.check import InvalidDatasetError
 from snunet_cbam.data.layouts import DatasetLayoutError
 from snunet_cbam.hooks import TrainerHooks, TrainResult
 from snunet_cbam.metrics import METRIC_NAMES
-from snunet_cbam.trainer import Trainer
+from snunet_cbam.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +73,12 @@ class JobTracker(Protocol):
         """Log the best model; register and stage it when the job asks for it, and promote it
         when it beats production on this job's data (``data_dir``, ``config.val_split``)."""
 
-    def fail(self, run_id: str, reason: str) -> None: ...
+    def fail(self, run_id: str, reason: str) -> None:
+        """End the run FAILED with ``reason`` (KILLED for "cancelled"); a later attempt that
+        resumes the job sets it running again."""
+
+    def detach(self, run_id: str) -> None:
+        """Stop logging to the run and leave its status alone: a newer attempt owns it now."""
 
 
 class WorkerSettings(BaseModel):
@@ -69,25 +86,31 @@ class WorkerSettings(BaseModel):
 
     work_dir: Path
     source: str = "/cdtrain/worker"
-    heartbeat_interval: float = Field(30.0, gt=0)
+    heartbeat_interval: float = Field(20.0, gt=0)
+    # A checkpoint inside an epoch at least this often (the epoch's end always writes one): a
+    # lost worker costs at most this much training.
+    checkpoint_every_s: float | None = Field(600.0, gt=0)
     # Applied over every job's config: what this machine decides (e.g. num_workers, device).
     config_overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class _Cancelled(Exception):
-    """A user's cancel arrived before training started (claim or dataset fetch)."""
+class _Interrupted(Exception):
+    """The job was stopped before training started (claim or dataset fetch)."""
 
 
 class TrainingWorker:
-    def __init__(self, bus: MessageBus, stores: StoreResolver, tracker: JobTracker, settings: WorkerSettings,
-                 cancellations: CancellationLookup | None = None) -> None:
+    def __init__(self, bus: MessageBus, stores: StoreResolver, tracker: JobTracker, settings: WorkerSettings, *,
+                 views: JobViewStore | None = None, checkpoints: CheckpointStore | None = None) -> None:
         self.bus = bus
         self.stores = stores
         self.tracker = tracker
         self.settings = settings
-        # Read-only view of cancel requests (the job view store); None: bus commands only.
-        self.cancellations = cancellations
-        self._cancels: dict[str, JobControl] = {}
+        # The job views: claims (one owner per job), cancel requests, superseded attempts. None:
+        # no lease, and only bus commands stop a job (a bare worker in tests or embedding code).
+        self.views = views
+        # Where checkpoints go so that any worker resumes the job; None: this worker's disk only.
+        self.checkpoints = checkpoints
+        self._controls: dict[str, JobControl] = {}
         self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -98,41 +121,52 @@ class TrainingWorker:
         self._idle.clear()
         # Registered before the view is read: a cancel command from now on reaches this job
         # (the ordering argument is in consumer/cancellation.py).
-        control = self._cancels[job.job_id] = JobControl()
+        control = self._controls[job.job_id] = JobControl()
         if self._stopping:
             control.stop()
         try:
-            reason = await lookup_reason(self.cancellations, job.job_id)
-            if reason is not None or control.cancel_requested:
+            reason = cancel_reason(await read_view(self.views, job.job_id)) or control.reason
+            if reason is not None:
                 # Cancelled while queued: it never starts. CANCELLED first, then the ack, so a
-                # crash in between redelivers it to a worker that skips it again.
-                await status.publish(JobState.CANCELLED, None, error=reason or control.reason)
+                # crash in between redelivers it to a worker that skips it again. Claimed like a
+                # start: a job that ended already (FAILED at its deadline) is not re-ended.
+                cancelled = status.make(JobState.CANCELLED, None, error=reason)
+                if self.views is None or await claim_job(self.views, cancelled):
+                    await status.send(cancelled)
                 await delivery.ack()
                 log.info("job %s was cancelled before it started; skipped", job.job_id)
                 return
-            await status.publish(JobState.STARTING, JobPhase.DOWNLOADING)
+            starting = status.make(JobState.STARTING, JobPhase.DOWNLOADING)
+            if self.views is not None and not await claim_job(self.views, starting):
+                # Ended, or held by this or a later attempt: not ours to run (rule 9).
+                await delivery.ack()
+                log.info("job %s: attempt %d not claimed: the job ended or another attempt holds it",
+                         job.job_id, attempt)
+                return
+            await status.send(starting)
             await delivery.ack()
             interval = self.settings.heartbeat_interval
             async with heartbeat(status.heartbeat, interval), \
-                    poll_cancellation(self.cancellations, job.job_id, control, interval):
+                    watch_job(self.views, job.job_id, attempt, control, interval):
                 await self._run(job, attempt, status, control)
         finally:
-            self._cancels.pop(job.job_id, None)
+            self._controls.pop(job.job_id, None)
             await status.close()
             self._idle.set()
 
     async def on_cancel(self, command: CancelCommand, _delivery: Delivery | None = None) -> None:
         """A cancel command from the control exchange: every worker gets it; the one running the
         job stops it (the others have nothing to do, and a queued job is caught at its claim)."""
-        control = self._cancels.get(command.job_id)
+        control = self._controls.get(command.job_id)
         if control is not None:
             log.info("job %s: cancel requested at %s", command.job_id, command.requested_at.isoformat())
             control.cancel(command.reason)
 
     async def stop(self, timeout: float = 120.0) -> None:
-        """Stop running jobs at their next step and wait for them: they are re-queued, not lost."""
+        """Stop running jobs at their next step (or abandon their fetch) and wait for them: they
+        are checkpointed and re-queued, not lost. A job already registering finishes first."""
         self._stopping = True
-        for control in self._cancels.values():
+        for control in self._controls.values():
             control.stop()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -142,23 +176,29 @@ class TrainingWorker:
     # --- one job ---------------------------------------------------------------------------------
     async def _run(self, job: TrainJob, attempt: int, status: JobStatusPublisher, control: JobControl) -> None:
         try:
-            data_dir, config = await self._prepare_unless_cancelled(job, control)
+            data_dir, config = await self._prepare_unless_interrupted(job, control)
         except JobInputError as exc:
             await status.publish(JobState.FAILED, JobPhase.DOWNLOADING, error=str(exc))
             return
-        except _Cancelled:
+        except _Interrupted:
             # No MLflow run exists yet; a partly fetched dataset stays in the cache's tmp/.
-            await status.publish(JobState.CANCELLED, JobPhase.DOWNLOADING, error=control.reason)
+            await self._end_interrupted(job, attempt, status, control, None, JobPhase.DOWNLOADING)
             return
 
         run_id = await asyncio.to_thread(self.tracker.start_run, job, config, attempt)
         await status.publish(JobState.RUNNING, JobPhase.TRAINING, epochs=config.epochs, mlflow_run_id=run_id)
-        # stop() during the download set the token already: the trainer stops at its first step.
         out_dir = self.settings.work_dir / "runs" / job.job_id / f"attempt-{attempt}"
-        trainer = Trainer(config, data_dir, out_dir, hooks=[self.tracker.hooks(run_id), StatusHooks(status)],
-                          cancel=control.token)
+        resumed = await self._restore(job, out_dir)
+        hooks: list[TrainerHooks] = [self.tracker.hooks(run_id), StatusHooks(status)]
+        if self.checkpoints is not None:
+            hooks.append(CheckpointUploader(
+                self.checkpoints, job.job_id, attempt, asyncio.get_running_loop(),
+                best_key=resumed.best_key if resumed else None, enabled=lambda: not control.superseded))
+        # stop() during the download set the token already: the trainer stops at its first step.
+        trainer = Trainer(config, data_dir, out_dir, hooks=hooks, cancel=control.token,
+                          checkpoint_every_s=self.settings.checkpoint_every_s)
         try:
-            result = await asyncio.to_thread(trainer.fit)
+            result = await asyncio.to_thread(trainer.fit, resume=resumed is not None)
         except (InvalidDatasetError, DatasetLayoutError) as exc:
             await self._fail(status, run_id, JobPhase.TRAINING, f"invalid dataset: {exc}")
             return
@@ -169,22 +209,19 @@ class TrainingWorker:
 
         # A user's cancel wins over a shutdown (it must not come back), and one that arrived during
         # the final evaluation still stops the job before anything is registered. Checkpoints
-        # (last.pt, best.pt) stay on disk either way.
-        if control.cancel_requested:
+        # stay (on disk and in the checkpoint store) either way.
+        if result.status == "cancelled" or control.cancel_requested or control.superseded:
             phase = JobPhase.TRAINING if result.status == "cancelled" else JobPhase.EVALUATING
-            await asyncio.to_thread(self.tracker.fail, run_id, "cancelled")  # the run ends KILLED
-            await status.publish(JobState.CANCELLED, phase, error=control.reason)
-            return
-        if result.status == "cancelled":
-            await asyncio.to_thread(self.tracker.fail, run_id, "cancelled")
-            if self._stopping:
-                await self._requeue(job, attempt, status)
-            else:
-                await status.publish(JobState.CANCELLED, JobPhase.TRAINING, error="cancelled")
+            await self._end_interrupted(job, attempt, status, control, run_id, phase)
             return
         if not result.best:
             await self._fail(status, run_id, JobPhase.TRAINING,
                              f"no epoch completed ({result.status}); raise time_limit_minutes or check the data")
+            return
+        # The last check before anything is registered: a newer attempt may hold the job now.
+        check_view(await read_view(self.views, job.job_id), attempt, control)
+        if control.cancel_requested or control.superseded:
+            await self._end_interrupted(job, attempt, status, control, run_id, JobPhase.EVALUATING)
             return
 
         if job.request.register_model:
@@ -202,25 +239,66 @@ class TrainingWorker:
             model_decision=registered.decision if registered else None,
         )
 
-    async def _prepare_unless_cancelled(self, job: TrainJob, control: JobControl) -> tuple[Path, TrainConfig]:
-        """The fetch, abandoned as soon as a user cancels (raises :class:`_Cancelled`).
-
-        Cancelling the fetch is safe: datasets reach the cache by one atomic rename, and work in
-        progress is swept from its tmp/ directory. A shutdown does not abandon it (as before).
-        """
+    async def _end_interrupted(self, job: TrainJob, attempt: int, status: JobStatusPublisher, control: JobControl,
+                               run_id: str | None, phase: JobPhase) -> None:
+        """A job stopped before its end: CANCELLED (a user's cancel), nothing more (superseded:
+        the run belongs to the newer attempt now), or re-queued (shutdown). The MLflow run is
+        KILLED in the first and last case: nothing trains it until an attempt resumes it."""
+        if control.superseded and not control.cancel_requested:
+            if run_id is not None:
+                await asyncio.to_thread(self.tracker.detach, run_id)
+            log.info("job %s: attempt %d stopped; a newer attempt holds the job", job.job_id, attempt)
+            return
+        if run_id is not None:
+            await asyncio.to_thread(self.tracker.fail, run_id, "cancelled")
         if control.cancel_requested:
-            raise _Cancelled
+            await status.publish(JobState.CANCELLED, phase, error=control.reason)
+        else:
+            await self._requeue(job, attempt, status)
+
+    async def _restore(self, job: TrainJob, out_dir: Path) -> StoredProgress | None:
+        """The job's newest checkpoint, downloaded into ``out_dir``; None to start afresh. A store
+        that cannot be read is retried, then the job starts afresh: training beats waiting."""
+        if self.checkpoints is None:
+            return None
+        for delay in (1.0, 5.0, None):
+            try:
+                progress = await self.checkpoints.latest(job.job_id)
+                if progress is not None:
+                    await self.checkpoints.restore(progress, out_dir, LAST_CHECKPOINT, BEST_CHECKPOINT)
+                    log.info("job %s: resuming attempt %d's checkpoint (epoch %d, step %d%s)", job.job_id,
+                             progress.attempt, progress.epoch, progress.global_step,
+                             ", training finished" if progress.finished else "")
+                return progress
+            except Exception as exc:  # noqa: BLE001
+                if delay is None:
+                    log.error("job %s: cannot read its checkpoints from %s (%s); training from the start",
+                              job.job_id, self.checkpoints, exc)
+                    return None
+                log.warning("job %s: cannot read its checkpoints (%s); retrying in %ss", job.job_id, exc, delay)
+                await asyncio.sleep(delay)
+        return None
+
+    async def _prepare_unless_interrupted(self, job: TrainJob, control: JobControl) -> tuple[Path, TrainConfig]:
+        """The fetch, abandoned as soon as the job is cancelled, superseded or the worker stops
+        (raises :class:`_Interrupted`).
+
+        Abandoning the fetch is safe: datasets reach the cache by one atomic rename, and work in
+        progress is swept from its tmp/ directory.
+        """
+        if control.token.is_set():
+            raise _Interrupted
         fetch = asyncio.create_task(self._prepare(job), name=f"fetch-{job.job_id}")
-        cancelled = asyncio.create_task(control.cancelled.wait())
+        interrupted = asyncio.create_task(control.interrupted.wait())
         try:
-            await asyncio.wait({fetch, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({fetch, interrupted}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            cancelled.cancel()
+            interrupted.cancel()
             if not fetch.done():
                 fetch.cancel()
-            await asyncio.gather(fetch, cancelled, return_exceptions=True)
-        if control.cancel_requested:
-            raise _Cancelled
+            await asyncio.gather(fetch, interrupted, return_exceptions=True)
+        if control.token.is_set():
+            raise _Interrupted
         return fetch.result()
 
     async def _prepare(self, job: TrainJob) -> tuple[Path, TrainConfig]:
@@ -243,7 +321,8 @@ class TrainingWorker:
         await status.publish(JobState.FAILED, phase, error=reason)
 
     async def _requeue(self, job: TrainJob, attempt: int, status: JobStatusPublisher) -> None:
-        """Shutting down: the job goes back to the queue for another worker."""
+        """Shutting down: the job goes back to the queue for another worker, which resumes it
+        from its checkpoint."""
         await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt + 1})
         await status.publish(JobState.QUEUED, None, error="re-queued: the worker shut down")
 

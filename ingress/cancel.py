@@ -50,7 +50,7 @@ class Canceller:
         """None for an unknown job; raises NothingToCancel (409) for one that ended, and
         Unavailable (503) when the view store cannot record the request."""
         at = utc_now()
-        view = await self.views.call(self.views.store.request_cancel(job_id, at, reason))
+        view, recorded = await self.views.call(self.views.store.request_cancel(job_id, at, reason))
         if view is None:
             return None
         if view.state.is_terminal:
@@ -65,7 +65,7 @@ class Canceller:
             # heartbeat, and one that claims it later skips it.
             log.warning("job %s: cancel command not confirmed (%s); the view holds the request", job_id, exc)
             sent = False
-        return CancelOutcome(view=view, first=view.cancel_requested_at == at, command_sent=sent)
+        return CancelOutcome(view=view, first=recorded, command_sent=sent)
 
 
 def _why_ended(view: JobView) -> str:

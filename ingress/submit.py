@@ -16,7 +16,8 @@ Order, and why:
 Deduplication: a request with an idempotency key gets the job id ``new_job_id(key)``; a key
 already in the view store answers with that job instead of publishing. Concurrent duplicates
 in this process are serialised by a per-job lock. Replicas racing on the same key publish the
-same job id twice, and the worker skips a job id it has already seen (docs/bus.md).
+same job id twice: the two requests are the same attempt, and a worker trains only the one whose
+claim wins in the job view (rule 9 of infra/views/merge.py); the other is acked and skipped.
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ NON_INGRESS_CDTRAIN_VARS = {
     "CDTRAIN_HEARTBEAT_S",        # a running job's heartbeat interval
     "CDTRAIN_PROMOTION_MARGIN",   # quality gate: F1 above the all-change F1 needed for production
     "CDTRAIN_STALE_AFTER_S",      # watchdog: silence before a job is re-queued
+    "CDTRAIN_WATCHDOG_INTERVAL_S",  # watchdog: time between sweeps
+    "CDTRAIN_CHECKPOINT_URI",     # where workers keep job checkpoints (s3://bucket/prefix/ or a directory)
+    "CDTRAIN_CHECKPOINT_EVERY_S",  # a checkpoint inside an epoch at least this often
     "CDTRAIN_STEP_STALL_S",       # watchdog: time without a training step before a job is re-queued
     "CDTRAIN_JOB_DEADLINE_S",     # watchdog: default deadline of a job (train request: deadline_s)
     "CDTRAIN_WORKER_CONFIG",      # YAML overrides applied to every job on a worker

@@ -514,3 +514,43 @@ async def test_step_at_moves_with_state_phase_and_step_not_with_heartbeats(view_
     await asyncio.sleep(0.005)
     assert await view_store.apply(moved, expect_sequence=8)
     assert (await view_store.get("steps")).step_at > step_10
+
+
+async def test_a_claim_is_a_lease_for_one_attempt(view_store: JobViewStore) -> None:
+    def starting(attempt: int) -> StatusEvent:
+        return StatusEvent.for_job("lease", attempt * 1_000_000 + 1, "starting", source=WORKER,
+                                   phase="downloading", time=T0)
+
+    await view_store.apply(queued("lease"))
+    assert await view_store.claim(starting(0))
+    view = await view_store.get("lease")
+    assert view.state == JobState.STARTING and view.request is not None and view.step_at is not None
+    assert not await view_store.claim(starting(0))  # the same attempt delivered twice: one owner
+    # The watchdog re-queued it as attempt 2: a late delivery of attempt 1 no longer gets it.
+    await view_store.apply(StatusEvent.for_job("lease", 2_000_000, "queued", source=WORKER, time=T0))
+    assert not await view_store.claim(starting(1))
+    assert await view_store.claim(starting(2))
+    assert (await view_store.get("lease")).last_sequence == 2_000_001
+
+
+async def test_a_claim_never_reopens_a_finished_job(view_store: JobViewStore) -> None:
+    for event in lifecycle("ended"):
+        await view_store.apply(event)
+    assert not await view_store.claim(StatusEvent.for_job("ended", 1_000_001, "starting", source=WORKER, time=T0))
+    view = await view_store.get("ended")
+    assert view.state == JobState.SUCCEEDED and view.model_version == "4"
+
+
+async def test_a_claim_creates_a_view_the_projector_has_not_made_yet(view_store: JobViewStore) -> None:
+    # The QUEUED event still waits in the projector's queue: the claim must not wait for it,
+    # and the late QUEUED still brings the request.
+    assert await view_store.claim(StatusEvent.for_job("early", 1, "starting", source=WORKER, time=T0))
+    assert not await view_store.apply(queued("early"))
+    view = await view_store.get("early")
+    assert view.state == JobState.STARTING and view.request is not None
+
+
+async def test_concurrent_claims_of_one_attempt_have_one_winner(view_store: JobViewStore) -> None:
+    event = StatusEvent.for_job("race", 1, "starting", source=WORKER, time=T0)
+    results = await asyncio.gather(*(view_store.claim(event) for _ in range(4)))
+    assert sorted(results) == [False, False, False, True]

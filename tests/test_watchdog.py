@@ -277,7 +277,7 @@ async def test_a_job_past_its_deadline_fails_and_its_worker_is_told_to_stop(bus:
     """Running (its own deadline_s) and queued (the server default) jobs past their deadlines end
     FAILED with a reason naming the fix; the stop reaches the worker as a command and in the view;
     the worker's CANCELLED that follows does not change the outcome; two watchdogs end it once."""
-    from consumer.cancellation import ViewCancellations
+    from consumer.cancellation import cancel_reason
     from schemas.control import CancelCommand
     from schemas.topology import ALL_CANCELS
 
@@ -322,16 +322,15 @@ async def test_a_job_past_its_deadline_fails_and_its_worker_is_told_to_stop(bus:
         assert "larger deadline_s" in view.error and view.cancel_reason == view.error
         # The command was lost? The worker reads the stop from the view at its next heartbeat,
         # and a worker that claims the queued one skips it.
-        lookup = ViewCancellations(view_store)
-        assert await lookup.cancel_reason(running.job_id) == view.error
-        assert "CDTRAIN_JOB_DEADLINE_S" in await lookup.cancel_reason(queued.job_id)
+        assert cancel_reason(await view_store.get(running.job_id)) == view.error
+        assert "CDTRAIN_JOB_DEADLINE_S" in cancel_reason(await view_store.get(queued.job_id))
         # The worker stops and says CANCELLED (its attempt's numbers): the job stays FAILED.
         stopped = StatusEvent.for_job(running.job_id, 3, JobState.CANCELLED, source="/test/worker",
                                       phase="training", error=view.error)
         assert not await projector.handle(stopped)
         assert (await view_store.get(running.job_id)).state == JobState.FAILED
         assert (await view_store.get(young.job_id)).state == JobState.RUNNING
-        assert await lookup.cancel_reason(young.job_id) is None
+        assert cancel_reason(await view_store.get(young.job_id)) is None
     finally:
         await watcher.close()
         await control.close()
@@ -347,7 +346,12 @@ def test_the_watchdog_settings_come_from_the_environment(tmp_path) -> None:
 
     env = {"CDTRAIN_DATA_DIR": str(tmp_path)}
     default = ServiceSettings.from_env(env)
-    assert (default.stale_after, default.step_stall, default.job_deadline) == (600, 1800, DEFAULT_DEADLINE_S)
+    # A lost worker costs minutes: found after 6 silent heartbeats plus at most one sweep.
+    assert (default.heartbeat_interval, default.stale_after, default.watchdog_interval) == (20, 120, 30)
+    assert (default.step_stall, default.job_deadline) == (1800, DEFAULT_DEADLINE_S)
+    assert default.checkpoints_at == str(tmp_path / "checkpoints") and default.checkpoint_every_s == 600
     custom = ServiceSettings.from_env({**env, "CDTRAIN_STALE_AFTER_S": "15", "CDTRAIN_STEP_STALL_S": "90",
-                                       "CDTRAIN_JOB_DEADLINE_S": "3600"})
-    assert (custom.stale_after, custom.step_stall, custom.job_deadline) == (15, 90, 3600)
+                                       "CDTRAIN_JOB_DEADLINE_S": "3600", "CDTRAIN_WATCHDOG_INTERVAL_S": "5",
+                                       "CDTRAIN_CHECKPOINT_URI": "s3://ckpt/jobs/", "CDTRAIN_CHECKPOINT_EVERY_S": "60"})
+    assert (custom.stale_after, custom.step_stall, custom.job_deadline, custom.watchdog_interval) == (15, 90, 3600, 5)
+    assert (custom.checkpoints_at, custom.checkpoint_every_s) == ("s3://ckpt/jobs/", 60)

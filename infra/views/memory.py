@@ -24,6 +24,7 @@ from infra.views.merge import (
     doc_to_view,
     encode_cursor,
     is_unmoved,
+    may_claim,
     may_request_cancel,
     plan_update,
 )
@@ -62,15 +63,28 @@ class InMemoryJobViewStore:
                 self._save()
         return advanced
 
-    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> JobView | None:
+    async def claim(self, event: StatusEvent) -> bool:
+        plan = plan_update(event)
+        with self._lock:
+            doc = self._docs.get(plan.job_id)
+            if doc is None:
+                doc = self._docs[plan.job_id] = {"_id": plan.job_id, **plan.on_insert}
+            elif not may_claim(doc, plan.sequence):
+                return False
+            self._advance(doc, plan)
+            self._save()
+        return True
+
+    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> tuple[JobView | None, bool]:
         with self._lock:
             doc = self._docs.get(job_id)
             if doc is None:
-                return None
-            if may_request_cancel(doc):
+                return None, False
+            recorded = may_request_cancel(doc)
+            if recorded:
                 doc.update(cancel_fields(at, reason))
                 self._save()
-            return doc_to_view(doc)
+            return doc_to_view(doc), recorded
 
     @staticmethod
     def _advance(doc: dict[str, Any], plan: ViewUpdate) -> bool:

@@ -40,6 +40,14 @@ Ordering policy (the part every backend must agree on):
    with every step the trainer takes; a heartbeat of a training thread that hangs does not move
    it. The watchdog's measure of a stalled step (``CDTRAIN_STEP_STALL_S``). Both backends apply
    the rule as the filter :attr:`ViewUpdate.unmoved` (Mongo: a conditional update tried first).
+9. **A claim is a lease.** A worker that takes a job writes its STARTING event to the view itself,
+   with ``claim(event)``: one conditional write that advances the view only if the event is
+   newer (rule 1) *and* the job has not ended; a missing view is created. The attempt that holds
+   the job is the view's ``last_sequence // ATTEMPT_STRIDE`` (each attempt numbers its events
+   from ``attempt * ATTEMPT_STRIDE``): a second delivery of the same attempt, an attempt that a
+   newer one (or the watchdog) already replaced, and any attempt of a finished job are refused,
+   so no job is trained by two owners at once or trained again once it ended. A running worker
+   whose view has moved to a later attempt is superseded and stops (consumer/ownership.py).
 
 Storage documents (shared by the Mongo and in-memory stores): the JobView fields, ``_id`` equal
 to ``job_id``, and ``history`` as ``{"<epoch>": {"epoch", "sequence", "time", "metrics"}}`` so
@@ -65,6 +73,16 @@ _TERMINAL_VALUES = tuple(sorted(s.value for s in TERMINAL_STATES))
 
 def cancel_fields(at: datetime, reason: str) -> dict[str, Any]:
     return {"cancel_requested_at": at, "cancel_reason": reason}
+
+
+def may_claim(doc: dict[str, Any], sequence: int) -> bool:
+    """Rule 9 on a stored document (the in-memory store; Mongo uses :func:`claim_filter`)."""
+    return doc["last_sequence"] < sequence and doc.get("state") not in _TERMINAL_VALUES
+
+
+def claim_filter(job_id: str, sequence: int) -> dict[str, Any]:
+    """Rule 9 as a MongoDB filter; with ``upsert`` it creates a missing view."""
+    return {"_id": job_id, "last_sequence": {"$lt": sequence}, "state": {"$nin": list(_TERMINAL_VALUES)}}
 
 
 def may_request_cancel(doc: dict[str, Any]) -> bool:

@@ -18,6 +18,7 @@ from infra.views.merge import (
     ViewUpdate,
     cancel_fields,
     cancel_filter,
+    claim_filter,
     check_limit,
     decode_cursor,
     doc_to_view,
@@ -94,12 +95,25 @@ class MongoJobViewStore:
         await self._merge_stale(plan)
         return False
 
-    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> JobView | None:
+    async def claim(self, event: StatusEvent) -> bool:
+        plan = plan_update(event)
+        claim = claim_filter(plan.job_id, plan.sequence)
+        update = _advance_update(plan, moved=True)  # a claim always moves the job (rule 8)
+        try:
+            await self._col.update_one(claim, update, upsert=True)
+            return True
+        except DuplicateKeyError:
+            # The view exists and refuses the claim, or a concurrent writer created it between
+            # our miss and our insert: the plain conditional update tells the two apart.
+            return (await self._col.update_one(claim, update)).matched_count == 1
+
+    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> tuple[JobView | None, bool]:
         doc = await self._col.find_one_and_update(cancel_filter(job_id), {"$set": cancel_fields(at, reason)},
                                                   return_document=ReturnDocument.AFTER)
-        if doc is None:  # unknown, ended, or already requested: the view as it is
-            doc = await self._col.find_one({"_id": job_id})
-        return doc_to_view(doc) if doc is not None else None
+        if doc is not None:
+            return doc_to_view(doc), True
+        doc = await self._col.find_one({"_id": job_id})  # unknown, ended, or already requested
+        return (doc_to_view(doc) if doc is not None else None), False
 
     async def _merge_stale(self, plan: ViewUpdate) -> None:
         if plan.submission is not None:

@@ -21,11 +21,18 @@ class JobViewStore(Protocol):
         job included), and nothing else is merged."""
         ...
 
+    async def claim(self, event: StatusEvent) -> bool:
+        """A worker's claim of a job (rule 9 of :mod:`infra.views.merge`): project its STARTING
+        event only if it is newer than the view and the job has not ended, creating a missing
+        view, in one conditional write. True if this attempt now holds the job."""
+        ...
+
     async def get(self, job_id: str) -> JobView | None: ...
 
-    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> JobView | None:
+    async def request_cancel(self, job_id: str, at: datetime, reason: str) -> tuple[JobView | None, bool]:
         """Record a cancel request unless the job ended or one is recorded (one conditional write,
-        rule 5 of :mod:`infra.views.merge`); the view afterwards, None for an unknown job."""
+        rule 5 of :mod:`infra.views.merge`). The view afterwards (None for an unknown job), and
+        whether this call recorded the request (times alone cannot tell: they keep milliseconds)."""
         ...
 
     async def list(
