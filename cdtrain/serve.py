@@ -84,9 +84,12 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
 
             bus = await connected_bus()
             watchdog = Watchdog(bus, views, stale_after=settings.stale_after, step_stall=settings.step_stall,
-                                job_deadline=settings.job_deadline, source=_source("watchdog"))
+                                job_deadline=settings.job_deadline, accept_grace=settings.accept_grace,
+                                volatile_queue=broker is not None,
+                                source=_source("watchdog"))
             tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop,
-                                                           sweep_interval=settings.watchdog_interval)))
+                                                           sweep_interval=settings.watchdog_interval,
+                                                           dead_letter_source=_source("dead-letters"))))
         if "consumer" in roles:
             if "ingress" not in roles and not ingress_settings.view_store_url.startswith("mongodb"):
                 # The worker claims jobs in, and reads cancel requests from, the views the ingress
@@ -146,7 +149,9 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, vie
         bus, StoreResolver(objects, allow_local_paths=settings.allow_local_paths), tracker,
         WorkerSettings(work_dir=settings.data_dir / "worker", source=_source("worker"),
                        heartbeat_interval=settings.heartbeat_interval, checkpoint_every_s=settings.checkpoint_every_s,
-                       config_overrides=settings.worker_config),
+                       config_overrides=settings.worker_config,
+                       # Unsent status events survive a restart here; one outbox per worker process.
+                       outbox_path=settings.data_dir / "worker" / "status-outbox.sqlite3"),
         # Claims (one owner per job) and cancel requests the ingress recorded.
         views=views, checkpoints=checkpoints,
     )

@@ -26,6 +26,8 @@ SERVICE_ENV_VARS = {
                            "job view for a cancel request or a newer attempt (default 20)",
     "CDTRAIN_STALE_AFTER_S": "silence after which the watchdog re-queues a job (default 120: six heartbeats)",
     "CDTRAIN_WATCHDOG_INTERVAL_S": "seconds between the watchdog's sweeps (default 30)",
+    "CDTRAIN_ACCEPT_GRACE_S": "seconds a queued job may wait for its request's confirm to be recorded before the "
+                              "watchdog publishes the request again (default 60)",
     "CDTRAIN_CHECKPOINT_URI": "where workers keep job checkpoints, one folder per job: s3://bucket/prefix/ (shared "
                               "by all workers: a job resumes anywhere) or a local directory (default "
                               "<data dir>/checkpoints)",
@@ -55,6 +57,8 @@ class ServiceSettings(BaseModel):
     heartbeat_interval: float = Field(20.0, gt=0)
     stale_after: float = Field(120.0, gt=0)
     watchdog_interval: float = Field(30.0, gt=0)
+    # Well above the ingress's publish time-out: only a submitter that died leaves a job this long.
+    accept_grace: float = Field(60.0, gt=0)
     # s3://bucket/prefix/ or a local directory; None: <data_dir>/checkpoints (see checkpoints_at).
     checkpoint_uri: str | None = None
     checkpoint_every_s: float = Field(600.0, gt=0)
@@ -106,6 +110,7 @@ class ServiceSettings(BaseModel):
             heartbeat_interval=env.get("CDTRAIN_HEARTBEAT_S", 20.0),
             stale_after=env.get("CDTRAIN_STALE_AFTER_S", 120.0),
             watchdog_interval=env.get("CDTRAIN_WATCHDOG_INTERVAL_S", 30.0),
+            accept_grace=env.get("CDTRAIN_ACCEPT_GRACE_S", 60.0),
             checkpoint_uri=env.get("CDTRAIN_CHECKPOINT_URI"),
             checkpoint_every_s=env.get("CDTRAIN_CHECKPOINT_EVERY_S", 600.0),
             step_stall=env.get("CDTRAIN_STEP_STALL_S", 1800.0),

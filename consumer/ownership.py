@@ -3,7 +3,7 @@
 The claim is the worker's own STARTING event, written to the job view store before it is
 published (``JobViewStore.claim``, rule 9 of :mod:`infra.views.merge`): one conditional write that
 succeeds only for an attempt newer than every event of the job and only while the job has not
-ended. The attempt that holds the job is the view's ``last_sequence // ATTEMPT_STRIDE``.
+ended. The attempt that holds the job is the view's ``attempt_of(last_sequence)``.
 
 While the job runs, :func:`watch_job` re-reads the view every heartbeat interval. A cancel
 request stops the job (consumer/cancellation.py); a view that moved to a later attempt (the
@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 
 from infra.views.store import JobViewStore
 from schemas import JobView, StatusEvent
-from schemas.jobs import ATTEMPT_STRIDE
+from schemas.jobs import attempt_of
 
 from .cancellation import JobControl, cancel_reason
 
@@ -32,12 +32,8 @@ class ClaimUnavailable(RuntimeError):
     """The view store did not answer the claim: the delivery goes back to the queue."""
 
 
-def holding_attempt(view: JobView) -> int:
-    return view.last_sequence // ATTEMPT_STRIDE
-
-
 def is_superseded(view: JobView | None, attempt: int) -> bool:
-    return view is not None and holding_attempt(view) > attempt
+    return view is not None and attempt_of(view.last_sequence) > attempt
 
 
 async def claim_job(views: JobViewStore, starting: StatusEvent,
@@ -77,7 +73,7 @@ def check_view(view: JobView | None, attempt: int, control: JobControl) -> None:
         control.cancel(reason)
     elif is_superseded(view, attempt) and not control.superseded:
         log.warning("job %s: attempt %d was superseded by attempt %d; stopping without registering",
-                    view.job_id, attempt, holding_attempt(view))
+                    view.job_id, attempt, attempt_of(view.last_sequence))
         control.supersede()
 
 

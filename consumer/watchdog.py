@@ -1,5 +1,10 @@
 """Re-queues jobs whose worker went silent, so an accepted job is never lost.
 
+It also publishes again the request of a QUEUED job whose request's confirm was never recorded
+(rule 11 of :mod:`infra.views.merge`: its submitter died between writing the view and
+publishing) after ``accept_grace``, and, with ``volatile_queue`` (the embedded bus, whose queue
+lives in memory), the request of every QUEUED job at start (:meth:`Watchdog.republish_unconfirmed`).
+
 A claimed job (see consumer/worker.py) is no longer held by the broker; its worker proves it is
 alive with a status event at least every heartbeat interval. A RUNNING job in phase ``training``
 whose step has not moved for ``step_stall`` seconds (``step_at``, rule 8 of
@@ -31,7 +36,10 @@ sweeps only after ``caught_up`` is set, which :func:`consumer.roles.run_projecto
 projector queue has been seen empty with no event being projected, twice in a row
 (``MessageBus.projector_backlog``: RabbitMQ's count of ready messages, the in-process queue's
 length). After an outage of the projector, its first sweep so sees the heartbeats that waited in
-the queue, instead of re-running every job that was alive all along.
+the queue, instead of re-running every job that was alive all along. The same after an outage of
+the view store: the projector holds the event it cannot write (consuming stops) and clears
+``caught_up`` the moment the store fails, so the watchdog sweeps again only once the heartbeats
+that piled up meanwhile are projected.
 
 Two watchdogs (projector replicas) may judge the same view stale: each writes its decision (the
 QUEUED/FAILED/CANCELLED event of the next attempt) to the view with a compare-and-set on the
@@ -53,7 +61,7 @@ from infra.bus import BusUnavailable, MessageBus
 from infra.views import JobViewStore
 from schemas import JobPhase, JobState, JobView, StatusEvent, TrainJob, utc_now
 from schemas.control import CANCELLED_BY_REQUEST, CancelCommand
-from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE, DEFAULT_DEADLINE_S
+from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE, DEFAULT_DEADLINE_S, attempt_of
 from schemas.topology import cancel_routing_key
 
 
@@ -63,10 +71,17 @@ log = logging.getLogger(__name__)
 class Watchdog:
     def __init__(self, bus: MessageBus, views: JobViewStore, *, stale_after: float = 120.0,
                  step_stall: float | None = 1800.0, max_attempts: int = 3,
-                 job_deadline: float = DEFAULT_DEADLINE_S, source: str = "/cdtrain/watchdog") -> None:
+                 job_deadline: float = DEFAULT_DEADLINE_S, accept_grace: float = 60.0,
+                 volatile_queue: bool = False, source: str = "/cdtrain/watchdog") -> None:
         self.bus = bus
         self.views = views
         self.job_deadline = job_deadline
+        # How long a QUEUED view may wait for its request's confirm to be recorded (rule 11 of
+        # infra/views/merge.py) before the request is published again.
+        self.accept_grace = accept_grace
+        # The request queue lives in memory (the embedded bus): a start finds it empty, so the
+        # first sweep publishes again the request of every job the views hold as queued.
+        self.volatile_queue = volatile_queue
         self.stale_after = stale_after
         self.step_stall = step_stall
         self.max_attempts = max_attempts
@@ -150,8 +165,9 @@ class Watchdog:
         return ended
 
     async def sweep(self) -> list[str]:
-        """One pass; returns the ids of the jobs it re-queued or failed."""
+        """One pass; returns the ids of the jobs it re-queued, re-published or failed."""
         handled = await self.end_overdue()
+        handled += await self.republish_unconfirmed()
         now = utc_now()
         for view, why in await self.stale_jobs(now):
             if view.job_id in handled or view.request is None:
@@ -163,9 +179,38 @@ class Watchdog:
             if job is not None:  # the request before the event: if the QUEUED event is lost, the job still runs
                 await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
             await self.bus.publish_status(event, event.routing_key, message_id=event.id)
+            if job is not None:
+                await self.views.mark_accepted(job.job_id, attempt)
             log.warning("job %s: %s", view.job_id, event.data.error)
             handled.append(view.job_id)
         return handled
+
+    async def unconfirmed_jobs(self, now: datetime, *, every_queued: bool = False) -> list[JobView]:
+        """QUEUED views whose request's confirm was never recorded for their attempt (rule 11),
+        for longer than ``accept_grace``; with ``every_queued``, every QUEUED view."""
+        grace = now - timedelta(seconds=self.accept_grace)
+        return [v async for v in self._views_in(JobState.QUEUED) if v.request is not None and (every_queued or (
+            (v.accepted_attempt is None or v.accepted_attempt < attempt_of(v.last_sequence))
+            and (v.heard_at or v.updated_at) < grace))]
+
+    async def republish_unconfirmed(self, *, every_queued: bool = False) -> list[str]:
+        """Publish again the request of each QUEUED job whose request may not be in the queue
+        (its submitter, or a watchdog, died between its view write and its confirm), and record
+        it. A copy that was in the queue after all is refused by the worker's claim (rule 9):
+        publishing twice is safe, losing the job is not. ``every_queued``: the embedded mode's
+        queue lived in memory, so after a restart every queued job's request is gone."""
+        republished = []
+        for view in await self.unconfirmed_jobs(utc_now(), every_queued=every_queued):
+            attempt = attempt_of(view.last_sequence)
+            job = TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
+                           source=view.source or "api", trigger=view.trigger)
+            await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
+            await self.views.mark_accepted(job.job_id, attempt)
+            log.warning("job %s: its request (attempt %d) was published again: %s", job.job_id, attempt + 1,
+                        "the service restarted with an in-memory queue" if every_queued
+                        else "its confirm was never recorded")
+            republished.append(job.job_id)
+        return republished
 
     def _decide(self, view: JobView, why: str, attempt: int, *, silent: bool) -> tuple[StatusEvent, TrainJob | None]:
         """What to do with a stale job: its next attempt's event, and the request to re-queue (if any)."""
@@ -196,12 +241,18 @@ class Watchdog:
         return False
 
     async def run(self, interval: float = 60.0, caught_up: asyncio.Event | None = None) -> None:
-        """Sweep every ``interval`` seconds; with ``caught_up``, not before it is set."""
-        if caught_up is not None and not caught_up.is_set():
-            log.info("watchdog waits for the projector to catch up with its queue")
-            await caught_up.wait()
+        """Sweep every ``interval`` seconds; with ``caught_up``, only while it is set: the projector
+        clears it when the view store goes down, and sets it again once the events that piled up
+        meanwhile are projected, so an outage never makes a live job look silent."""
+        restarted = self.volatile_queue
         while True:
+            if caught_up is not None and not caught_up.is_set():
+                log.info("watchdog waits for the projector to catch up with its queue")
+                await caught_up.wait()
             try:
+                if restarted:
+                    await self.republish_unconfirmed(every_queued=True)
+                    restarted = False
                 await self.sweep()
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next interval
                 log.exception("watchdog sweep failed")

@@ -14,6 +14,12 @@ heartbeat and stops, registering nothing, once a later attempt holds the job.
 Resume anywhere (consumer/checkpoints.py): every checkpoint goes to the checkpoint store, and an
 attempt starts from the job's newest one, whichever worker wrote it.
 
+Nothing lost in transit (consumer/outbox.py, consumer/status_relay.py): every status event is
+written to the worker's outbox on local disk and sent from there, in order, until the broker
+confirms it, however long that takes. Only the event before the ack (STARTING, or CANCELLED) is
+awaited to the broker's confirm; the others, the job's end included, only to the disk, so a
+broker outage never holds a handler for longer than ``status_settle_s``.
+
 Stopping a job (consumer/cancellation.py): a user's cancel ends it CANCELLED, checked when the
 job is claimed (a cancelled queued job never starts), while its dataset downloads, at every
 training step and before registration; a worker shutdown (``stop``) checkpoints it and re-queues
@@ -32,9 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from consumer.cancellation import JobControl, cancel_reason
 from consumer.checkpoints import CheckpointStore, CheckpointUploader, StoredProgress
 from consumer.dataset_fetch import DatasetFetchError, fetch_config, fetch_dataset
+from consumer.outbox import StatusOutbox
 from consumer.ownership import check_view, claim_job, read_view, watch_job
 from consumer.status import JobStatusPublisher
 from consumer.status_hooks import StatusHooks
+from consumer.status_relay import RetryBackoff, StatusRelay
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
 from infra.views.store import JobViewStore
@@ -92,6 +100,19 @@ class WorkerSettings(BaseModel):
     checkpoint_every_s: float | None = Field(600.0, gt=0)
     # Applied over every job's config: what this machine decides (e.g. num_workers, device).
     config_overrides: dict[str, Any] = Field(default_factory=dict)
+    # The status outbox (consumer/outbox.py): every status event waits there, on disk, until the
+    # broker confirmed it. None: work_dir / "status-outbox.sqlite3". One per worker process.
+    outbox_path: Path | None = None
+    # Between attempts to publish while the broker is away; status events are retried forever.
+    status_retry: RetryBackoff = RetryBackoff()
+    # How long a finished job's handler, and the worker's exit, wait for the broker to confirm the
+    # status events; what is not confirmed by then stays in the outbox (sent later, or by the next
+    # process on the same outbox).
+    status_settle_s: float = Field(10.0, ge=0)
+
+    @property
+    def status_outbox(self) -> Path:
+        return self.outbox_path or self.work_dir / "status-outbox.sqlite3"
 
 
 class _Interrupted(Exception):
@@ -110,6 +131,8 @@ class TrainingWorker:
         self.views = views
         # Where checkpoints go so that any worker resumes the job; None: this worker's disk only.
         self.checkpoints = checkpoints
+        # Every job's status events go through this outbox, in order, retried until confirmed.
+        self.relay = StatusRelay(bus, StatusOutbox(settings.status_outbox), backoff=settings.status_retry)
         self._controls: dict[str, JobControl] = {}
         self._stopping = False
         self._idle = asyncio.Event()
@@ -117,7 +140,8 @@ class TrainingWorker:
 
     async def handle(self, job: TrainJob, delivery: Delivery) -> None:
         attempt = int(delivery.headers.get(ATTEMPT_HEADER, 0)) + delivery.delivery_count
-        status = JobStatusPublisher(self.bus, job, source=self.settings.source, attempt=attempt)
+        status = JobStatusPublisher(self.relay, job, source=self.settings.source, attempt=attempt,
+                                    settle_timeout=self.settings.status_settle_s)
         self._idle.clear()
         # Registered before the view is read: a cancel command from now on reaches this job
         # (the ordering argument is in consumer/cancellation.py).
@@ -132,7 +156,7 @@ class TrainingWorker:
                 # start: a job that ended already (FAILED at its deadline) is not re-ended.
                 cancelled = status.make(JobState.CANCELLED, None, error=reason)
                 if self.views is None or await claim_job(self.views, cancelled):
-                    await status.send(cancelled)
+                    await status.send(cancelled)  # confirmed before the ack, as a STARTING
                 await delivery.ack()
                 log.info("job %s was cancelled before it started; skipped", job.job_id)
                 return
@@ -143,6 +167,7 @@ class TrainingWorker:
                 log.info("job %s: attempt %d not claimed: the job ended or another attempt holds it",
                          job.job_id, attempt)
                 return
+            # Confirmed by the broker before the ack: from the ack on, the status stream holds the job.
             await status.send(starting)
             await delivery.ack()
             interval = self.settings.heartbeat_interval
@@ -153,6 +178,20 @@ class TrainingWorker:
             self._controls.pop(job.job_id, None)
             await status.close()
             self._idle.set()
+
+    @property
+    def idle(self) -> bool:
+        """No job's handler is running."""
+        return self._idle.is_set()
+
+    def start(self) -> None:
+        """Send the status events an earlier process left in the outbox (before any new one)."""
+        self.relay.start()
+
+    async def close(self) -> None:
+        """After :meth:`stop`: give the outbox ``status_settle_s`` to empty, then let it go; the
+        next worker on the same outbox sends what is left."""
+        await self.relay.close(self.settings.status_settle_s)
 
     async def on_cancel(self, command: CancelCommand, _delivery: Delivery | None = None) -> None:
         """A cancel command from the control exchange: every worker gets it; the one running the

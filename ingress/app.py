@@ -41,8 +41,7 @@ BUCKET_EVENTS = web.AppKey("cdtrain_bucket_events", BucketEventHandler)
 def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewStore,
                object_store: ObjectStore) -> web.Application:
     views = ViewReader(view_store, timeout_s=settings.store_timeout_s, retry_after_s=settings.retry_after_s)
-    submitter = Submitter(bus, views, event_source=event_source("ingress", settings.instance),
-                          write_through=settings.write_through_views)
+    submitter = Submitter(bus, views, event_source=event_source("ingress", settings.instance))
     bucket_events = BucketEventHandler(settings.trigger, object_store, submitter,
                                        retry_after_s=settings.retry_after_s)
     deps = Deps(settings=settings, bus=bus, views=views, submitter=submitter, bucket_events=bucket_events,

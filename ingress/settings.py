@@ -91,9 +91,6 @@ class IngressSettings(_Frozen):
     bucket_events_amqp: AmqpListenerSettings | None = None
     sqs: SqsSettings | None = None
 
-    # Also write the QUEUED view directly (not only via the projector): a GET right after the
-    # 202 finds the job, and a duplicate bucket event is recognised before the projector runs.
-    write_through_views: bool = True
     # Bound on one view-store call in a request; past it the client gets 503, not a hang.
     store_timeout_s: float = Field(5.0, gt=0)
     retry_after_s: float = Field(5.0, gt=0)
@@ -159,7 +156,6 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "CDTRAIN_SQS_ENDPOINT_URL": ("sqs", "endpoint_url"),
     "CDTRAIN_SQS_REGION": ("sqs", "region"),
     "CDTRAIN_SQS_WAIT_S": ("sqs", "wait_time_s"),
-    "CDTRAIN_WRITE_THROUGH_VIEWS": ("write_through_views",),
     "CDTRAIN_SSE_HEARTBEAT_S": ("sse_heartbeat_s",),
     "CDTRAIN_LOG_LEVEL": ("log_level",),
 }

@@ -1,23 +1,23 @@
-"""Accepting a job: idempotency check, confirmed publish, QUEUED event and view.
+"""Accepting a job: the view created once, then the confirmed QUEUED event and request.
 
 Order, and why:
 
-1. **QUEUED first, confirmed**, on the status topic. If the broker does not confirm it, nothing
-   was accepted: the caller answers 503 and a retry is clean.
-2. **Then the request**, confirmed into the durable quorum queue, while the QUEUED event is also
-   applied to the view store directly (write-through: a GET right after the 202 finds the job,
-   and a duplicate bucket event is recognised before the projector has run). Because the worker
-   can only see the request after the QUEUED event was routed, every subscriber sees a job's
-   events in order, QUEUED first.
-3. If the request is not confirmed, the job is recorded as FAILED "not accepted" (view and,
-   when the bus allows, an event) and the caller gets 503. A retry with the same idempotency key
-   starts the job's next attempt (its events numbered from ``attempt * ATTEMPT_STRIDE``).
+1. **The view first** (``JobViewStore.create``, rule 10 of infra/views/merge.py): one
+   conditional insert that only a missing view takes. Of two ingress replicas handed the same
+   bucket event or idempotency key, one creates it and starts the job; the other answers
+   "duplicate". A GET right after the 202 finds the job. The view store down: 503, nothing
+   accepted.
+2. **Then the QUEUED event, then the request**, each confirmed. A worker can only get the
+   request after the QUEUED event was routed, so every subscriber sees a job's events in order.
+3. **Then the confirm is recorded** in the view (``accepted_attempt``, rule 11). The ingress
+   dying before that leaves a QUEUED view whose request may not be in the queue: the watchdog
+   publishes it again (a copy that did arrive is refused by the worker's claim, rule 9).
 
-Deduplication: a request with an idempotency key gets the job id ``new_job_id(key)``; a key
-already in the view store answers with that job instead of publishing. Concurrent duplicates
-in this process are serialised by a per-job lock. Replicas racing on the same key publish the
-same job id twice: the two requests are the same attempt, and a worker trains only the one whose
-claim wins in the job view (rule 9 of infra/views/merge.py); the other is acked and skipped.
+If the bus fails (a confirm that never comes), the job is ended FAILED "not accepted" with a
+compare-and-set on its QUEUED: then no copy the broker may have taken can run (a claim refuses an
+ended job), and "not accepted, submit it again" is the truth. If instead the view moved on, a
+worker already claimed the request: the job was accepted after all (202). A retry with the same
+idempotency key starts the job's next attempt (events numbered from ``attempt * ATTEMPT_STRIDE``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from schemas.jobs import (
     JobView,
     TrainJob,
     TrainRequest,
+    attempt_of,
     new_job_id,
 )
 
@@ -106,12 +107,10 @@ class ViewReader:
 
 
 class Submitter:
-    def __init__(self, bus: MessageBus, views: ViewReader, *, event_source: str,
-                 write_through: bool = True) -> None:
+    def __init__(self, bus: MessageBus, views: ViewReader, *, event_source: str) -> None:
         self.bus = bus
         self.views = views
         self.event_source = event_source
-        self.write_through = write_through
         self._locks = KeyedLock()
 
     async def submit(self, request: TrainRequest, *, source: JobSource = "api",
@@ -121,18 +120,19 @@ class Submitter:
         if key is None:
             return await self._accept(TrainJob(request=request, source=source, trigger=trigger))
         job_id = new_job_id(key)
+        # Serialises this process's duplicates cheaply; across replicas the view's creation does.
         async with self._locks.hold(job_id):
             existing = await self._existing(job_id, key)
-            attempt = 0
-            if existing is not None:
-                if existing.request is not None and existing.request != request:
-                    raise IdempotencyConflict(key, existing.job_id)
-                if not _not_accepted(existing):
-                    return Submission(existing.job_id, existing.state, created=False)
-                # The earlier try never reached the queue: this one is the job's next attempt.
-                attempt = existing.last_sequence // ATTEMPT_STRIDE + 1
+            if existing is None:
+                return await self._accept(TrainJob(job_id=job_id, request=request, source=source, trigger=trigger))
+            if existing.request is not None and existing.request != request:
+                raise IdempotencyConflict(key, existing.job_id)
+            if not _not_accepted(existing):
+                return Submission(existing.job_id, existing.state, created=False)
+            # The earlier try never reached the queue: this one is the job's next attempt, taken
+            # with a compare-and-set so that of two replicas retrying it one does.
             job = TrainJob(job_id=job_id, request=request, source=source, trigger=trigger)
-            return await self._accept(job, attempt)
+            return await self._accept(job, attempt_of(existing.last_sequence) + 1, replaces=existing.last_sequence)
 
     async def _existing(self, job_id: str, key: str) -> JobView | None:
         view = await self.views.call(self.views.store.get(job_id))
@@ -141,51 +141,65 @@ class Submitter:
             view = await self.views.call(self.views.store.find_by_idempotency_key(key))
         return view
 
-    async def _accept(self, job: TrainJob, attempt: int = 0) -> Submission:
-        """QUEUED first, then the request: the worker's events can only follow the QUEUED event,
-        so every subscriber sees a job's events in order. A request the broker does not confirm
-        is recorded as FAILED ("not accepted"); a retry with the same key runs it."""
+    async def _accept(self, job: TrainJob, attempt: int = 0, *, replaces: int | None = None) -> Submission:
+        """The view first: creating it (or, for a retry, moving it on from ``replaces``) is what
+        makes this submitter the one that starts the job (rules 10 and 7 of
+        infra/views/merge.py). Then the QUEUED event and the request, both confirmed: a worker
+        can only get the request after the QUEUED event was routed, so every subscriber sees a
+        job's events in order. Then the view records the confirm (rule 11)."""
         queued = StatusEvent.queued(job, source=self.event_source, sequence=attempt * ATTEMPT_STRIDE)
+        store = self.views.store
+        write = store.create(queued) if replaces is None else store.apply(queued, expect_sequence=replaces)
+        if not await self.views.call(write):
+            view = await self.views.call(store.get(job.job_id))
+            return Submission(job.job_id, view.state if view else JobState.QUEUED, created=False)
         try:
             await self._publish_event(queued)
-        except BusUnavailable as exc:
-            raise Unavailable("message bus", str(exc), retry_after=exc.retry_after) from exc
-        view_written = asyncio.create_task(self._write_view(queued))
-        try:
             await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
         except BusUnavailable as exc:
-            await view_written
-            await self._record_not_accepted(queued, exc)
-            raise Unavailable("message bus", str(exc), retry_after=exc.retry_after) from exc
-        await view_written
+            if await self._record_not_accepted(queued, exc):
+                raise Unavailable("message bus", f"{exc}; job {job.job_id} was not accepted",
+                                  retry_after=exc.retry_after) from exc
+            # A worker already took it: the broker had the request after all.
+            log.info("job %s: its request was not confirmed, yet a worker claimed it", job.job_id)
+        await self._mark_accepted(job.job_id, attempt)
         return Submission(job.job_id, JobState.QUEUED, created=True)
 
-    async def _record_not_accepted(self, queued: StatusEvent, exc: BusUnavailable) -> None:
+    async def _record_not_accepted(self, queued: StatusEvent, exc: BusUnavailable) -> bool:
+        """End the job FAILED "not accepted" unless it moved since its QUEUED (a worker claimed a
+        request the broker took despite the failed confirm): True when the job was ended. A copy
+        of the request that reaches a worker later is refused by its claim (the job ended)."""
         failed = StatusEvent.for_job(
             queued.job_id, queued.sequence + 1, JobState.FAILED, source=self.event_source,
             error=f"{NOT_ACCEPTED}: the message bus did not confirm the request ({exc}); nothing ran, "
                   "submit it again",
         )
-        await self._write_view(failed)
         try:
-            await self._publish_event(failed)
-        except BusUnavailable:
-            # Subscribers saw QUEUED only; the view (written directly) says FAILED.
-            log.warning("job %s: its FAILED (not accepted) event was not published", queued.job_id)
+            ended = await self.views.call(self.views.store.apply(failed, expect_sequence=queued.sequence))
+        except Unavailable as store_down:
+            # Neither the bus nor the store answered: whether the job runs is not known.
+            raise Unavailable("message bus and job view store", f"{exc}; {store_down}; job {queued.job_id} may "
+                              f"still run: look at GET /train/{queued.job_id}, and retry only with the same "
+                              "idempotency key", retry_after=exc.retry_after) from exc
+        if ended:
+            try:
+                await self._publish_event(failed)
+            except BusUnavailable:
+                # Subscribers saw QUEUED at most; the view (written directly) says FAILED.
+                log.warning("job %s: its FAILED (not accepted) event was not published", queued.job_id)
+        return ended
+
+    async def _mark_accepted(self, job_id: str, attempt: int) -> None:
+        try:
+            await self.views.call(self.views.store.mark_accepted(job_id, attempt))
+        except Unavailable as exc:
+            # The request is in the queue; the watchdog will publish a copy that the claim refuses.
+            log.warning("job %s: the confirm of its request was not recorded (%s)", job_id, exc)
 
     async def _publish_event(self, event: StatusEvent) -> None:
         # message_id = the event id: a redelivered or re-published event stays one event.
         await self.bus.publish_status(event, event.routing_key, message_id=event.id,
                                       content_type=CLOUDEVENTS_CONTENT_TYPE)
-
-    async def _write_view(self, event: StatusEvent) -> None:
-        if not self.write_through:
-            return
-        try:
-            await self.views.call(self.views.store.apply(event))
-        except Unavailable as exc:
-            # Not fatal: the projector applies the same event from the bus.
-            log.warning("job %s: QUEUED view not written directly (%s); the projector will", event.job_id, exc)
 
     async def close(self) -> None:
         """Nothing runs in the background any more; kept for the app's shutdown hook."""

@@ -158,6 +158,13 @@ class TrainRequest(BaseModel):
 # not confirm) moves the job's view forward. The request of attempt n carries ATTEMPT_HEADER = n.
 ATTEMPT_STRIDE = 1_000_000
 ATTEMPT_HEADER = "x-cdtrain-attempt"
+
+
+def attempt_of(sequence: int) -> int:
+    """The attempt an event (or a view's ``last_sequence``) belongs to."""
+    return sequence // ATTEMPT_STRIDE
+
+
 # The FAILED reason of a submission whose request the broker did not confirm: nothing ran, and a
 # retry with the same idempotency key starts the job afresh.
 NOT_ACCEPTED = "not accepted"
@@ -274,4 +281,7 @@ class JobView(BaseModel):
     # is CANCELLED when its worker (or the worker that claims it) has stopped it.
     cancel_requested_at: UtcDatetime | None = None
     cancel_reason: str | None = None
+    # The newest attempt whose request the broker confirmed (infra/views/merge.py rule 11); a
+    # QUEUED view above it has a request that may not be in the queue, and is published again.
+    accepted_attempt: int | None = None
     history: list[EpochMetrics] = Field(default_factory=list)

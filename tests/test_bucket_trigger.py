@@ -212,6 +212,22 @@ async def test_webhook_dedups_multipart_and_concurrent_deliveries(
     assert await bus.request_backlog() == 3
 
 
+async def test_two_ingress_replicas_start_one_job_per_object(
+        bus_factory: Any, view_store: JobViewStore, object_store: ObjectStore, store_bucket: str,
+        serve: Serve) -> None:
+    """The same bucket event delivered to two replicas at once, for 30 objects: each replica has
+    its own bus connection and its own in-process lock, so only the view's creation (rule 10 of
+    infra/views/merge.py) can keep them from starting an object twice."""
+    replicas = [await serve(await bus_factory(), view_store, object_store=object_store) for _ in range(2)]
+    events = [minio_event(store_bucket, f"datasets/set-{i:02d}/_READY", etag=f"{i:032x}") for i in range(30)]
+    answers = await asyncio.gather(*(replica.post("/events/s3", json=e) for e in events for replica in replicas))
+    actions = [(await a.json())["results"][0]["action"] for a in answers]
+    per_object = [sorted(actions[2 * i: 2 * i + 2]) for i in range(30)]
+    assert per_object == [["duplicate", "started"]] * 30
+    bus = await bus_factory()
+    assert await bus.request_backlog() == 30  # one request per object
+
+
 async def test_webhook_ignores_and_rejects(bus: MessageBus, view_store: JobViewStore, object_store: ObjectStore,
                                            store_bucket: str, serve: Serve) -> None:
     client = await serve(bus, view_store, object_store=object_store)
@@ -296,7 +312,8 @@ async def test_amqp_listener_starts_one_job_per_object_version(
         await publish_like_minio(amqp_source, b"not json at all")  # poison: dropped, not retried
 
         async def settled() -> bool:
-            return listener.handled >= 3  # the retried first message, its duplicate, the poison
+            # The first message twice (requeued, then acked), its duplicate, the poison.
+            return listener.handled >= 4
 
         assert await eventually(settled)
         assert await bus.request_backlog() == 1

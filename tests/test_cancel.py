@@ -442,7 +442,9 @@ async def test_a_running_job_stops_within_seconds_killed_not_requeued_checkpoint
 async def test_no_heartbeat_follows_the_end_of_a_job(backend: Backend) -> None:
     # A beat that raced the end would re-state CANCELLED/FAILED without its error, newer than the
     # end, and the view would lose the reason.
+    from consumer.outbox import StatusOutbox
     from consumer.status import JobStatusPublisher
+    from consumer.status_relay import StatusRelay
 
     bus = await backend.new_bus()
     seen: list[StatusEvent] = []
@@ -451,10 +453,12 @@ async def test_no_heartbeat_follows_the_end_of_a_job(backend: Backend) -> None:
         seen.append(event)
 
     await bus.subscribe_status("job.#", collect, model=StatusEvent)
-    status = JobStatusPublisher(bus, TrainJob(request=TrainRequest(dataset_uri=DATASET)), source="/test")
+    relay = StatusRelay(bus, StatusOutbox.in_memory())
+    status = JobStatusPublisher(relay, TrainJob(request=TrainRequest(dataset_uri=DATASET)), source="/test")
     await status.publish(JobState.CANCELLED, JobPhase.TRAINING, error=CANCELLED_BY_REQUEST)
     await status.heartbeat()
     await status.close()
+    await relay.close(timeout=5)
     await until(lambda: len(seen) >= 1, what="the CANCELLED event")
     await asyncio.sleep(0.3)
     assert [(e.data.state, e.data.error) for e in seen] == [(JobState.CANCELLED, CANCELLED_BY_REQUEST)]

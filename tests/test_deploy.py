@@ -53,6 +53,7 @@ NON_INGRESS_CDTRAIN_VARS = {
     "CDTRAIN_PROMOTION_MARGIN",   # quality gate: F1 above the all-change F1 needed for production
     "CDTRAIN_STALE_AFTER_S",      # watchdog: silence before a job is re-queued
     "CDTRAIN_WATCHDOG_INTERVAL_S",  # watchdog: time between sweeps
+    "CDTRAIN_ACCEPT_GRACE_S",     # watchdog: wait before a queued job's unconfirmed request is published again
     "CDTRAIN_CHECKPOINT_URI",     # where workers keep job checkpoints (s3://bucket/prefix/ or a directory)
     "CDTRAIN_CHECKPOINT_EVERY_S",  # a checkpoint inside an epoch at least this often
     "CDTRAIN_STEP_STALL_S",       # watchdog: time without a training step before a job is re-queued

@@ -190,11 +190,11 @@ def test_ingress_imports_no_torch() -> None:
 # --- POST /train ----------------------------------------------------------------------------------
 async def test_post_is_confirmed_published_and_projected(
         bus_factory: BusFactory, view_store: JobViewStore, serve: Serve) -> None:
-    """Projector-only mode: the QUEUED view comes from the event on the bus, not the ingress."""
+    """The view the ingress creates and the one the projector makes from the bus are the same."""
     ingress_bus, worker = await bus_factory(), await bus_factory()
     sink = await sink_for(worker)
     projector = await wire_projector(worker, view_store)
-    client = await serve(ingress_bus, view_store, settings=make_settings(write_through_views=False))
+    client = await serve(ingress_bus, view_store)
 
     body = {"dataset_uri": DATASET, "config": {"epochs": 3, "lr": 0.0005}, "register_model": True}
     resp = await client.post("/train", json=body)
@@ -208,40 +208,26 @@ async def test_post_is_confirmed_published_and_projected(
     assert job.job_id == job_id and delivery.message_id == job_id
     assert job.request == TrainRequest.model_validate(body) and job.source == "api"
 
-    async def queued_view() -> Any:
-        r = await client.get(f"/train/{job_id}")
-        return await r.json() if r.status == 200 else None
+    async def projected() -> bool:
+        return projector.applied + projector.ignored == 1
 
-    view = await eventually(queued_view)
-    assert view, "the projector never produced the QUEUED view"
+    assert await eventually(projected), "the projector never got the QUEUED event"
+    view = await (await client.get(f"/train/{job_id}")).json()
     assert view["state"] == "queued" and view["last_sequence"] == 0 and view["source"] == "api"
     assert view["request"]["config"] == {"epochs": 3, "lr": 0.0005}
-    assert projector.applied == 1
+    assert view["accepted_attempt"] == 0  # the request's confirm is recorded (rule 11)
+    assert projector.ignored == 1  # the ingress created the view: the bus copy changes nothing
 
 
 async def test_view_is_readable_right_after_202(bus: MessageBus, view_store: JobViewStore, serve: Serve) -> None:
     client = await serve(bus, view_store)
     resp = await client.post("/train", json={"dataset_uri": DATASET})
     job_id = (await resp.json())["job_id"]
-    got = await client.get(f"/train/{job_id}")  # no projector running: write-through
+    got = await client.get(f"/train/{job_id}")  # no projector running: the ingress created it
     assert got.status == 200
     view = await got.json()
     assert view["state"] == "queued" and view["request"]["dataset_uri"] == DATASET
     assert await bus.request_backlog() == 1
-
-
-async def test_projector_and_write_through_agree(bus_factory: BusFactory, view_store: JobViewStore,
-                                                 serve: Serve) -> None:
-    ingress_bus, worker = await bus_factory(), await bus_factory()
-    projector = await wire_projector(worker, view_store)
-    client = await serve(ingress_bus, view_store)
-    job_id = (await (await client.post("/train", json={"dataset_uri": DATASET})).json())["job_id"]
-    # The projector receives the same QUEUED event: whichever write comes second is a no-op.
-    async def projected() -> bool:
-        return projector.applied + projector.ignored == 1
-
-    assert await eventually(projected)
-    assert (await view_store.get(job_id)).state is JobState.QUEUED  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("body", "field", "fragment"), [
@@ -293,7 +279,10 @@ async def test_closed_bus_is_503_with_retry_after(view_store: JobViewStore, serv
     assert int(resp.headers["Retry-After"]) >= 1
     answer = await resp.json()
     assert "message bus unavailable" in answer["error"] and answer["retry_after"] >= 1
-    assert (await view_store.list())[0] == []  # nothing half-accepted
+    # Nothing half-accepted: the job's view says so, and nothing can run it (a claim refuses it).
+    [view] = (await view_store.list())[0]
+    assert view.state is JobState.FAILED and view.error.startswith("not accepted: the message bus did not confirm")
+    assert answer["error"].endswith(f"job {view.job_id} was not accepted; retry in {answer['retry_after']} s")
 
 
 async def test_unreachable_rabbitmq_is_503(view_store: JobViewStore, serve: Serve) -> None:
@@ -333,12 +322,20 @@ async def test_request_not_confirmed_is_recorded_and_a_retry_runs_it(bus: Messag
 
 async def test_queued_event_not_confirmed_is_503_and_nothing_is_accepted(bus: MessageBus, view_store: JobViewStore,
                                                                          serve: Serve) -> None:
-    """QUEUED goes first, so a broker that cannot confirm it has accepted nothing."""
+    """QUEUED goes before the request, so a broker that cannot confirm it has no request; the
+    view says "not accepted", and a retry with the same key is the job's next attempt."""
     flaky = FlakyBus(bus, fail_status=1)
     client = await serve(flaky, view_store)
-    resp = await client.post("/train", json={"dataset_uri": DATASET})
-    assert resp.status == 503
-    assert (await view_store.list())[0] == [] and await bus.request_backlog() == 0
+    body = {"dataset_uri": DATASET, "idempotency_key": "retry-me"}
+    resp = await client.post("/train", json=body)
+    assert resp.status == 503 and await bus.request_backlog() == 0
+    [view] = (await view_store.list())[0]
+    assert view.state is JobState.FAILED and view.error.startswith("not accepted")
+    again = await client.post("/train", json=body)
+    assert again.status == 202 and (await again.json())["job_id"] == view.job_id
+    assert await bus.request_backlog() == 1
+    view = await view_store.get(view.job_id)
+    assert view.state is JobState.QUEUED and view.last_sequence == ATTEMPT_STRIDE and view.accepted_attempt == 1
 
 
 async def test_a_subscriber_sees_queued_before_the_workers_events(bus_factory: BusFactory,

@@ -13,13 +13,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
+
 from consumer.checkpoints import CheckpointStore
 from consumer.stores import StoreResolver
+from infra.bus import BusUnavailable
 from infra.objects import LocalObjectStore
+from ingress.app import create_app
+from ingress.settings import IngressSettings
 from schemas import JobState, StatusEvent, TrainJob
-from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE
+from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE, new_job_id
 from snunet_cbam.hooks import RunStartInfo, TrainerHooks
 from tests.test_cancel import (  # noqa: F401 - fixtures
+    AUTH,
+    DATASET,
+    TINY,
+    TOKEN,
     WAIT,
     BlockingStore,
     RecordingTracker,
@@ -143,3 +153,52 @@ async def test_a_worker_stopped_during_the_registration_finishes_it_and_nothing_
     await asyncio.sleep(0.5)
     states = stack.states(job_id)
     assert tracker.finished == [job_id] and states.count(JobState.QUEUED) == 1 and states[-1] is JobState.SUCCEEDED
+
+
+class ConfirmLostBus:
+    """The broker stores the next request, but its confirm never reaches the publisher."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.lose_next = inner, True
+
+    async def publish_request(self, *args: Any, **kwargs: Any) -> str:
+        message_id = await self.inner.publish_request(*args, **kwargs)
+        if self.lose_next:
+            self.lose_next = False
+            raise BusUnavailable("publisher confirm timed out", retry_after=0.05)
+        return message_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_request_whose_confirm_was_lost_is_not_accepted_and_never_runs(stack: Stack) -> None:
+    """The client is told "not accepted, submit it again", and that is true: the copy the broker
+    kept reaches a worker, whose claim refuses the ended job. The retry (same key) runs once."""
+    settings = IngressSettings(api_token=SecretStr(TOKEN), store_timeout_s=5.0, retry_after_s=1.0, instance="lost")
+    app = create_app(settings, ConfirmLostBus(stack.bus), stack.views, LocalObjectStore(stack.objects))
+    http = TestClient(TestServer(app, host="127.0.0.1"))
+    await http.start_server()
+    try:
+        body = {"dataset_uri": DATASET, "config": {**TINY, "epochs": 1}, "idempotency_key": "lost-confirm"}
+        response = await http.post("/train", json=body, headers=AUTH)
+        assert response.status == 503 and "was not accepted" in (await response.json())["error"]
+        job_id = new_job_id("lost-confirm")
+        assert (await stack.views.get(job_id)).error.startswith("not accepted")
+        assert await stack.bus.request_backlog() == 1  # the broker has it all the same
+
+        tracker = Runs()
+        await stack.start_worker(tracker)
+        deadline = time.monotonic() + WAIT
+        while await stack.bus.request_backlog() > 0:
+            assert time.monotonic() < deadline, "the copy was never taken"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert tracker.started == [] and JobState.STARTING not in stack.states(job_id)
+
+        retry = await http.post("/train", json=body, headers=AUTH)
+        assert retry.status == 202 and (await retry.json())["job_id"] == job_id
+        await view_state(stack, job_id, JobState.SUCCEEDED, timeout=60)
+        assert tracker.started == [job_id] and tracker.finished == [job_id]
+    finally:
+        await http.close()

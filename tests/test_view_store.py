@@ -554,3 +554,20 @@ async def test_concurrent_claims_of_one_attempt_have_one_winner(view_store: JobV
     event = StatusEvent.for_job("race", 1, "starting", source=WORKER, time=T0)
     results = await asyncio.gather(*(view_store.claim(event) for _ in range(4)))
     assert sorted(results) == [False, False, False, True]
+
+
+async def test_a_job_is_created_once_and_its_confirm_only_moves_forward(view_store: JobViewStore) -> None:
+    results = await asyncio.gather(*(view_store.create(queued("once")) for _ in range(4)))
+    assert sorted(results) == [False, False, False, True]  # two replicas: one starts the job (rule 10)
+    view = await view_store.get("once")
+    assert view.state == JobState.QUEUED and view.request is not None and view.accepted_attempt is None
+    assert await view_store.mark_accepted("once", 0)
+    assert not await view_store.mark_accepted("once", 0)  # rule 11: only raised
+    assert await view_store.mark_accepted("once", 2) and not await view_store.mark_accepted("once", 1)
+    assert (await view_store.get("once")).accepted_attempt == 2
+    assert not await view_store.mark_accepted("nobody", 0)
+    # Events never touch it, and a created view projects on like any other.
+    for event in lifecycle("once")[1:]:
+        await view_store.apply(event)
+    view = await view_store.get("once")
+    assert view.state == JobState.SUCCEEDED and view.accepted_attempt == 2

@@ -223,7 +223,9 @@ async def test_a_hung_training_thread_is_requeued_though_it_keeps_beating(bus: M
                                                                           view_store: JobViewStore) -> None:
     """Three jobs beat every 0.05 s: one whose step is stuck in training, one whose step moves, one
     evaluating (no steps there). Only the stuck one is re-queued, with the step it hung at."""
+    from consumer.outbox import StatusOutbox
     from consumer.status import JobStatusPublisher
+    from consumer.status_relay import StatusRelay
     from schemas import JobPhase
 
     step_stall = 0.6
@@ -232,7 +234,7 @@ async def test_a_hung_training_thread_is_requeued_though_it_keeps_beating(bus: M
     for name, job in jobs.items():
         queued = StatusEvent.queued(job, source="/test/ingress")
         await bus.publish_status(queued, queued.routing_key, message_id=queued.id)
-        publishers[name] = JobStatusPublisher(bus, job, source="/test/worker")
+        publishers[name] = JobStatusPublisher(StatusRelay(bus, StatusOutbox.in_memory()), job, source="/test/worker")
     await publishers["hung"].publish(JobState.RUNNING, JobPhase.TRAINING, epoch=1, epochs=5, step=7)
     await publishers["moving"].publish(JobState.RUNNING, JobPhase.TRAINING, epoch=1, epochs=5, step=1)
     await publishers["eval"].publish(JobState.RUNNING, JobPhase.EVALUATING, epoch=5, epochs=5, step=50)
@@ -350,8 +352,48 @@ def test_the_watchdog_settings_come_from_the_environment(tmp_path) -> None:
     assert (default.heartbeat_interval, default.stale_after, default.watchdog_interval) == (20, 120, 30)
     assert (default.step_stall, default.job_deadline) == (1800, DEFAULT_DEADLINE_S)
     assert default.checkpoints_at == str(tmp_path / "checkpoints") and default.checkpoint_every_s == 600
+    assert default.accept_grace == 60 and ServiceSettings.from_env({**env, "CDTRAIN_ACCEPT_GRACE_S": "5"}).accept_grace == 5
     custom = ServiceSettings.from_env({**env, "CDTRAIN_STALE_AFTER_S": "15", "CDTRAIN_STEP_STALL_S": "90",
                                        "CDTRAIN_JOB_DEADLINE_S": "3600", "CDTRAIN_WATCHDOG_INTERVAL_S": "5",
                                        "CDTRAIN_CHECKPOINT_URI": "s3://ckpt/jobs/", "CDTRAIN_CHECKPOINT_EVERY_S": "60"})
     assert (custom.stale_after, custom.step_stall, custom.job_deadline, custom.watchdog_interval) == (15, 90, 3600, 5)
     assert (custom.checkpoints_at, custom.checkpoint_every_s) == ("s3://ckpt/jobs/", 60)
+
+
+async def test_a_queued_job_whose_request_never_reached_the_queue_is_published_again(
+        bus: MessageBus, view_store: JobViewStore) -> None:
+    """An ingress that died between creating the view and its publish (or a lost confirm): the
+    view is QUEUED without a recorded confirm (rule 11). After the grace the watchdog publishes
+    the request, once; a job whose confirm is recorded waits in the queue untouched."""
+    lost = TrainJob(request=TrainRequest(dataset_uri="s3://lake/lost/"))
+    waiting = TrainJob(request=TrainRequest(dataset_uri="s3://lake/waiting/"))
+    for job in (lost, waiting):
+        assert await view_store.create(StatusEvent.queued(job, source="/test/ingress"))
+    assert await view_store.mark_accepted(waiting.job_id, 0)  # its request is in the queue (not here)
+    watchdog = Watchdog(bus, view_store, accept_grace=0.0, source="/test/watchdog")
+    await asyncio.sleep(0.01)
+    assert await watchdog.sweep() == [lost.job_id]
+    assert await watchdog.sweep() == []  # recorded: not published twice
+    assert (await view_store.get(lost.job_id)).accepted_attempt == 0
+    got: list[tuple[TrainJob, int]] = []
+
+    async def take(job: TrainJob, delivery: Delivery) -> None:
+        got.append((job, int(delivery.headers.get(ATTEMPT_HEADER, -1))))
+
+    subscription = await bus.consume_requests(take, model=TrainJob)
+    try:
+        await _until(lambda: _has(got, 1), "the request")
+        await asyncio.sleep(0.2)
+        assert [(job.job_id, attempt) for job, attempt in got] == [(lost.job_id, 0)]
+        assert got[0][0].request == lost.request
+        # The embedded mode after a restart: its queue was in memory, so every queued job goes again.
+        assert sorted(await watchdog.republish_unconfirmed(every_queued=True)) == sorted([lost.job_id, waiting.job_id])
+    finally:
+        await subscription.close()
+
+
+async def test_a_young_unconfirmed_job_is_left_to_its_submitter(bus: MessageBus, view_store: JobViewStore) -> None:
+    job = TrainJob(request=TrainRequest(dataset_uri="s3://lake/young/"))
+    assert await view_store.create(StatusEvent.queued(job, source="/test/ingress"))
+    assert await Watchdog(bus, view_store, accept_grace=60.0).sweep() == []
+    assert await bus.request_backlog() == 0

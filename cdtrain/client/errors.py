@@ -59,7 +59,9 @@ class JobEnded(Conflict):
 
 
 class ServiceUnavailable(ApiError):
-    """503: the bus or the view store is down; nothing was accepted, retrying is safe."""
+    """503: the bus or the view store is down. The message says what became of the job: nothing
+    accepted (the usual case: retrying is safe), or, when the bus and the store failed together,
+    a job that may still run (retry only with the same idempotency key)."""
 
     def __init__(self, message: str, *, retry_after: float | None) -> None:
         super().__init__(message, status=503)

@@ -10,7 +10,7 @@
 See docs/bus.md for the topology, the delivery rules and the long-job (early-ack) mode.
 """
 
-from .base import DeadLetter, Delivery, Handler, MessageBus, Subscription
+from .base import DeadLetter, DeadLetterHandler, Delivery, Handler, MessageBus, Subscription
 from .errors import BusError, BusUnavailable, DeliveryLost
 from .factory import create_bus
 from .heartbeat import heartbeat
@@ -24,6 +24,7 @@ __all__ = [
     "BusSettings",
     "BusUnavailable",
     "DeadLetter",
+    "DeadLetterHandler",
     "Delivery",
     "DeliveryLost",
     "Handler",

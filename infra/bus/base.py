@@ -28,10 +28,11 @@ from pydantic import BaseModel
 
 from schemas.topology import Topology
 
-__all__ = ["DeadLetter", "Delivery", "Handler", "MessageBus", "Settler", "Subscription"]
+__all__ = ["DeadLetter", "DeadLetterHandler", "Delivery", "Handler", "MessageBus", "Settler", "Subscription"]
 
 M = TypeVar("M")
 Handler = Callable[[M, "Delivery"], Awaitable[None]]
+DeadLetterHandler = Callable[["DeadLetter", "Delivery"], Awaitable[None]]
 
 
 class Settler(Protocol):
@@ -94,12 +95,16 @@ class Delivery:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A dead-lettered message, as drained from a dead-letter queue (for ops and tests)."""
+    """A dead-lettered message, as consumed or drained from a dead-letter queue."""
 
     body: bytes
     message_id: str | None
     headers: Mapping[str, Any]
     reason: str  # "delivery_limit" or "rejected" (invalid payload), as RabbitMQ names them
+    queue: str | None = None  # the queue that dead-lettered it
+    # How many times it was delivered before it died: known for reason "delivery_limit" (its
+    # queue's limit + 1; RabbitMQ drops x-delivery-count when it dead-letters), else None.
+    deliveries: int | None = None
 
 
 class Subscription(abc.ABC):
@@ -188,6 +193,19 @@ class MessageBus(abc.ABC):
     @abc.abstractmethod
     async def drain_dead_requests(self, max_count: int = 100) -> list[DeadLetter]:
         """Remove and return up to ``max_count`` dead-lettered requests (to inspect/replay)."""
+
+    # Dead letters, consumed: ``handler(letter, delivery)`` gets each message of a dead-letter
+    # queue as a DeadLetter (its body undecoded: it may be what killed it), one at a time; it is
+    # acked when the handler returns and requeued if it raises. Dead-letter queues have no
+    # delivery limit, so a handler must not raise for a letter it will never handle: log and
+    # return (drop) instead. Not abstract, like the control channel.
+    async def consume_dead_requests(self, handler: DeadLetterHandler) -> Subscription:
+        """Run ``handler`` for every dead-lettered train request (``…train-requests.dead``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot consume dead letters")
+
+    async def consume_dead_status(self, handler: DeadLetterHandler) -> Subscription:
+        """Run ``handler`` for every dead-lettered status event (``…projector.dead``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot consume dead letters")
 
     async def __aenter__(self) -> MessageBus:
         await self.connect()

@@ -3,7 +3,8 @@
 What matches RabbitBus (and is tested against both): confirmed publish (the message is queued
 when publish returns), prefetch as a bound on running handlers, requeue on a failed or timed
 out pre-ack phase, dead-lettering after ``delivery_limit`` failures (returned messages go to
-the head, as quorum queues do), topic routing with ``*``/``#``, per-watcher ordering.
+the head, as quorum queues do) into dead-letter queues that can be consumed, with RabbitMQ's
+death headers, topic routing with ``*``/``#``, per-watcher ordering.
 What does not: nothing survives the process, and there is no channel to lose.
 """
 
@@ -20,8 +21,9 @@ from pydantic import BaseModel
 
 from schemas.topology import ALL_JOBS, Topology
 
-from .base import DeadLetter, Delivery, Handler, MessageBus, Subscription
+from .base import DeadLetter, DeadLetterHandler, Delivery, Handler, MessageBus, Subscription
 from .codec import encode, resolve_model
+from .dead import dead_letter_handler, death_headers, read_dead_letter
 from .dispatch import OnError, run_handler
 from .errors import BusUnavailable
 from .settings import BusSettings
@@ -38,11 +40,12 @@ class _Envelope:
 
 
 class _MemQueue:
-    """FIFO with requeue-at-head, plus the dead letters of messages that failed here."""
+    """FIFO with requeue-at-head; a message that fails here goes to ``dead`` (if any)."""
 
-    def __init__(self, delivery_limit: int | None) -> None:
+    def __init__(self, name: str, delivery_limit: int | None = None, dead: _MemQueue | None = None) -> None:
+        self.name = name
         self.delivery_limit = delivery_limit
-        self.dead: deque[DeadLetter] = deque()
+        self.dead = dead
         self._items: deque[_Envelope] = deque()
         self._nonempty = asyncio.Event()
 
@@ -59,10 +62,13 @@ class _MemQueue:
             await self._nonempty.wait()
         return self._items.popleft()
 
+    def pop_nowait(self) -> _Envelope | None:
+        return self._items.popleft() if self._items else None
+
     def dead_letter(self, env: _Envelope, reason: str) -> None:
-        if self.delivery_limit is not None:  # only queues with a DLX keep their dead
-            self.dead.append(DeadLetter(body=env.body, message_id=env.message_id,
-                                        headers=dict(env.headers), reason=reason))
+        if self.dead is not None:  # only queues with a DLX keep their dead
+            headers = {**env.headers, **death_headers(self.name, reason)}
+            self.dead.put(_Envelope(env.body, env.message_id, env.routing_key, headers))
 
 
 @dataclass
@@ -142,9 +148,11 @@ class MemoryBroker:
     in one quick-start process), as RabbitBus instances do through RabbitMQ."""
 
     def __init__(self, topology: Topology | None = None) -> None:
-        self.topology = topology or Topology()
-        self.requests = _MemQueue(self.topology.delivery_limit)
-        self.projector = _MemQueue(self.topology.projector_delivery_limit)
+        self.topology = t = topology or Topology()
+        self.requests_dead = _MemQueue(t.requests_dead_queue.name)
+        self.requests = _MemQueue(t.requests_queue.name, t.delivery_limit, dead=self.requests_dead)
+        self.projector_dead = _MemQueue(t.projector_dead_queue.name)
+        self.projector = _MemQueue(t.projector_queue.name, t.projector_delivery_limit, dead=self.projector_dead)
         self.watchers: list[tuple[str, _MemQueue]] = []
         self.controls: list[tuple[str, _MemQueue]] = []  # one queue per control subscriber
 
@@ -217,6 +225,16 @@ class InProcessBus(MessageBus):
         return self._consume(self.broker.projector, handler, model, prefetch, "projector",
                              claim_timeout=self.settings.claim_timeout, on_error="requeue")
 
+    async def consume_dead_requests(self, handler: DeadLetterHandler) -> Subscription:
+        return self._consume_dead(self.broker.requests_dead, handler, "dead requests")
+
+    async def consume_dead_status(self, handler: DeadLetterHandler) -> Subscription:
+        return self._consume_dead(self.broker.projector_dead, handler, "dead status")
+
+    def _consume_dead(self, queue: _MemQueue, handler: DeadLetterHandler, source: str) -> Subscription:
+        return self._consume(queue, dead_letter_handler(handler, self.topology), bytes, 1, source,
+                             claim_timeout=self.settings.claim_timeout, on_error="requeue")
+
     async def subscribe_status(self, binding_key: str, handler: Handler[Any], *,
                                model: type[Any] | None = None) -> Subscription:
         # Validates the binding key exactly as the RabbitMQ watcher queue would.
@@ -226,7 +244,7 @@ class InProcessBus(MessageBus):
     def _subscribe(self, entries: list, binding_key: str, handler: Handler[Any], model: type[Any] | None,
                    source: str) -> Subscription:
         """A live subscriber's own queue, bound by a topic key; dropped with the subscription."""
-        queue = _MemQueue(delivery_limit=None)
+        queue = _MemQueue(source)
         entry = (binding_key, queue)
         sub = self._consume(queue, handler, model, 1, source, claim_timeout=None, on_error="drop",
                             on_close=lambda: entries.remove(entry))
@@ -260,8 +278,10 @@ class InProcessBus(MessageBus):
         return len(self.broker.projector)
 
     async def drain_dead_requests(self, max_count: int = 100) -> list[DeadLetter]:
-        dead = self.broker.requests.dead
-        return [dead.popleft() for _ in range(min(max_count, len(dead)))]
+        out: list[DeadLetter] = []
+        while len(out) < max_count and (env := self.broker.requests_dead.pop_nowait()) is not None:
+            out.append(read_dead_letter(env.body, env.message_id, env.headers, self.topology))
+        return out
 
 
 def _envelope(payload: BaseModel, routing_key: str, message_id: str | None,

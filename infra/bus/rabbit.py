@@ -30,8 +30,9 @@ from yarl import URL
 
 from schemas.topology import QueueSpec, Topology
 
-from .base import DeadLetter, Delivery, Handler, MessageBus, Subscription
+from .base import DeadLetter, DeadLetterHandler, Delivery, Handler, MessageBus, Subscription
 from .codec import CONTENT_TYPE, encode, resolve_model
+from .dead import dead_letter_handler, read_dead_letter
 from .declare import declare_queue, declare_topology
 from .dispatch import OnError, run_handler
 from .errors import BusError, BusUnavailable, DeliveryLost
@@ -173,6 +174,16 @@ class RabbitBus(MessageBus):
         return await self._consume(self.topology.projector_queue, handler, model, prefetch,
                                    source="projector", on_error="requeue", flow_control=True)
 
+    async def consume_dead_requests(self, handler: DeadLetterHandler) -> Subscription:
+        return await self._consume_dead(self.topology.requests_dead_queue, handler, "dead requests")
+
+    async def consume_dead_status(self, handler: DeadLetterHandler) -> Subscription:
+        return await self._consume_dead(self.topology.projector_dead_queue, handler, "dead status")
+
+    async def _consume_dead(self, spec: QueueSpec, handler: DeadLetterHandler, source: str) -> Subscription:
+        return await self._consume(spec, dead_letter_handler(handler, self.topology), bytes, 1, source=source,
+                                   on_error="requeue", flow_control=True)
+
     async def subscribe_status(self, binding_key: str, handler: Handler[Any], *,
                                model: type[Any] | None = None) -> Subscription:
         spec = self.topology.watcher_queue(binding_key, watcher_id=uuid.uuid4().hex)
@@ -248,8 +259,8 @@ class RabbitBus(MessageBus):
                     if msg is None:
                         break
                     await msg.ack()
-                out.append(DeadLetter(body=msg.body, message_id=msg.message_id,
-                                      headers=dict(msg.headers or {}), reason=_death_reason(msg)))
+                out.append(read_dead_letter(msg.body, msg.message_id, dict(msg.headers or {}),
+                                            self.topology))
         except _BROKER_ERRORS as exc:
             raise BusUnavailable(f"cannot read the dead letters from RabbitMQ at {self._where}: "
                                  f"{_why(exc)}") from exc
@@ -419,14 +430,6 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
     if isinstance(count, int):
         return count
     return 1 if message.redelivered else 0
-
-
-def _death_reason(message: AbstractIncomingMessage) -> str:
-    headers = message.headers or {}
-    reason = headers.get("x-first-death-reason")
-    if reason is None and headers.get("x-death"):
-        reason = headers["x-death"][0].get("reason")
-    return str(reason or "unknown")
 
 
 def _why(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from infra.views.factory import open_view_store
 from infra.views.memory import InMemoryJobViewStore
 from infra.views.merge import InvalidCursor, plan_update
 from infra.views.mongo import MongoJobViewStore
+from infra.views.outage import StoreOutage
 from infra.views.projector import Projector
 from infra.views.store import JobViewStore
 
@@ -13,6 +14,7 @@ __all__ = [
     "JobViewStore",
     "MongoJobViewStore",
     "Projector",
+    "StoreOutage",
     "open_view_store",
     "plan_update",
 ]

@@ -24,6 +24,7 @@ from infra.views.merge import (
     doc_to_view,
     encode_cursor,
     is_unmoved,
+    may_accept,
     may_claim,
     may_request_cancel,
     plan_update,
@@ -62,6 +63,25 @@ class InMemoryJobViewStore:
             if changed:
                 self._save()
         return advanced
+
+    async def create(self, event: StatusEvent) -> bool:
+        plan = plan_update(event)
+        with self._lock:
+            if plan.job_id in self._docs:
+                return False
+            doc = self._docs[plan.job_id] = {"_id": plan.job_id, **plan.on_insert}
+            self._advance(doc, plan)
+            self._save()
+        return True
+
+    async def mark_accepted(self, job_id: str, attempt: int) -> bool:
+        with self._lock:
+            doc = self._docs.get(job_id)
+            if doc is None or not may_accept(doc, attempt):
+                return False
+            doc["accepted_attempt"] = attempt
+            self._save()
+        return True
 
     async def claim(self, event: StatusEvent) -> bool:
         plan = plan_update(event)

@@ -85,6 +85,17 @@ def claim_filter(job_id: str, sequence: int) -> dict[str, Any]:
     return {"_id": job_id, "last_sequence": {"$lt": sequence}, "state": {"$nin": list(_TERMINAL_VALUES)}}
 
 
+def acceptance_filter(job_id: str, attempt: int) -> dict[str, Any]:
+    """Rule 11 as a MongoDB filter (``None`` also matches a missing field; explicit ``$and`` for
+    nx-27017, see MongoJobViewStore.list)."""
+    return {"$and": [{"_id": job_id}, {"$or": [{"accepted_attempt": None}, {"accepted_attempt": {"$lt": attempt}}]}]}
+
+
+def may_accept(doc: dict[str, Any], attempt: int) -> bool:
+    """Rule 11 on a stored document (the in-memory store)."""
+    return doc.get("accepted_attempt") is None or doc["accepted_attempt"] < attempt
+
+
 def may_request_cancel(doc: dict[str, Any]) -> bool:
     """Rule 5 on a stored document (the in-memory store; Mongo uses :func:`cancel_filter`)."""
     return doc.get("state") not in _TERMINAL_VALUES and doc.get("cancel_requested_at") is None

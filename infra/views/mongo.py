@@ -17,6 +17,7 @@ from pymongo.errors import DuplicateKeyError
 from infra.views.merge import (
     ViewUpdate,
     cancel_fields,
+    acceptance_filter,
     cancel_filter,
     claim_filter,
     check_limit,
@@ -94,6 +95,20 @@ class MongoJobViewStore:
                 return True
         await self._merge_stale(plan)
         return False
+
+    async def create(self, event: StatusEvent) -> bool:
+        plan = plan_update(event)
+        update = _advance_update(plan, moved=True)
+        document = {**update["$set"], **update.get("$setOnInsert", {})}
+        try:
+            result = await self._col.update_one({"_id": plan.job_id}, {"$setOnInsert": document}, upsert=True)
+        except DuplicateKeyError:  # a concurrent creator inserted it between our miss and our insert
+            return False
+        return result.upserted_id is not None
+
+    async def mark_accepted(self, job_id: str, attempt: int) -> bool:
+        result = await self._col.update_one(acceptance_filter(job_id, attempt), {"$set": {"accepted_attempt": attempt}})
+        return result.matched_count == 1
 
     async def claim(self, event: StatusEvent) -> bool:
         plan = plan_update(event)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
+from infra.views.outage import StoreOutage
 from infra.views.store import JobViewStore
 from schemas.events import StatusEvent
 
@@ -14,19 +16,30 @@ class Projector:
     """Applies status events to a view store; safe under redelivery and reordering.
 
     The store's conditional write records the processed sequence with the view, so the bus
-    delivery can be acked once ``handle`` returns, whatever it returned.
+    delivery can be acked once ``handle`` returns, whatever it returned. While the store is
+    down, ``handle`` does not return (nor raise, which would nack the event toward its delivery
+    limit): it retries the same event through ``outage`` until the store is back.
     """
 
-    def __init__(self, store: JobViewStore) -> None:
+    def __init__(self, store: JobViewStore, outage: StoreOutage | None = None) -> None:
         self.store = store
+        self.outage = outage if outage is not None else StoreOutage()
         self.applied = 0
         self.ignored = 0
-        self.in_flight = 0  # events being projected now (the "caught up" check needs none)
+        # Events being projected now, including one held through a store outage: the
+        # watchdog's "caught up" check needs none.
+        self.in_flight = 0
+
+    @property
+    def store_down_since(self) -> datetime | None:
+        """When the view store stopped answering; None while it answers."""
+        return self.outage.down_since
 
     async def handle(self, event: StatusEvent) -> bool:
         self.in_flight += 1
         try:
-            advanced = await self.store.apply(event)
+            advanced = await self.outage.call(f"project event {event.id} of job {event.job_id}",
+                                              lambda: self.store.apply(event))
         finally:
             self.in_flight -= 1
         if advanced:

@@ -21,6 +21,16 @@ class JobViewStore(Protocol):
         job included), and nothing else is merged."""
         ...
 
+    async def create(self, event: StatusEvent) -> bool:
+        """Create the job's view from its QUEUED event, only if it has none (rule 10 of
+        :mod:`infra.views.merge`); True if this call created it."""
+        ...
+
+    async def mark_accepted(self, job_id: str, attempt: int) -> bool:
+        """Record that the broker confirmed the request of ``attempt`` (rule 11), unless a newer
+        one is recorded; True if this call raised it."""
+        ...
+
     async def claim(self, event: StatusEvent) -> bool:
         """A worker's claim of a job (rule 9 of :mod:`infra.views.merge`): project its STARTING
         event only if it is newer than the view and the job has not ended, creating a missing
