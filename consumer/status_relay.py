@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.backoff import RetryBackoff
 from infra.bus import BusUnavailable, MessageBus
 from schemas import StatusEvent
 
@@ -36,22 +37,6 @@ T = TypeVar("T")
 
 class OutboxClosed(RuntimeError):
     """The relay was closed (the worker is exiting): no more events are taken."""
-
-
-class RetryBackoff(BaseModel):
-    """Delays between attempts to publish the outbox's head: first_s, doubling, at most max_s."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    first_s: float = Field(0.5, gt=0)
-    max_s: float = Field(30.0, gt=0)
-    factor: float = Field(2.0, ge=1)
-
-    def delays(self) -> Iterator[float]:
-        delay = self.first_s
-        while True:
-            yield min(delay, self.max_s)
-            delay *= self.factor
 
 
 class StatusRelay:

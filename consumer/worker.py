@@ -42,7 +42,8 @@ from consumer.outbox import StatusOutbox
 from consumer.ownership import check_view, claim_job, read_view, watch_job
 from consumer.status import JobStatusPublisher
 from consumer.status_hooks import StatusHooks
-from consumer.status_relay import RetryBackoff, StatusRelay
+from consumer.status_relay import StatusRelay
+from infra.backoff import RetryBackoff
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
 from infra.views.store import JobViewStore

@@ -15,7 +15,7 @@ import pytest
 
 from consumer.outbox import StatusOutbox
 from consumer.roles import run_worker
-from consumer.status_relay import RetryBackoff
+from infra.backoff import RetryBackoff
 from consumer.stores import StoreResolver
 from consumer.worker import TrainingWorker, WorkerSettings
 from infra.bus import BusSettings, MessageBus
@@ -38,7 +38,8 @@ WORKER_DURING_AN_OUTAGE = """
 import asyncio, sys
 from consumer.outbox import StatusOutbox
 from consumer.status import JobStatusPublisher
-from consumer.status_relay import RetryBackoff, StatusRelay
+from consumer.status_relay import StatusRelay
+from infra.backoff import RetryBackoff
 from infra.bus import BusUnavailable
 from schemas import JobPhase, JobState, TrainJob
 

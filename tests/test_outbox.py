@@ -1,11 +1,10 @@
 """The status outbox (consumer/outbox.py) and its relay (consumer/status_relay.py) on their own:
 order across a reopen, removal only after the broker's confirm, heartbeat coalescing, torn writes,
-one owner per outbox, and what an append costs."""
+one owner per outbox. What an append costs is measured by bench/outbox_append.py."""
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,8 @@ import pytest
 
 from consumer.outbox import OutboxInUse, StatusOutbox
 from consumer.status import JobStatusPublisher
-from consumer.status_relay import RetryBackoff, StatusRelay
+from consumer.status_relay import StatusRelay
+from infra.backoff import RetryBackoff
 from infra.bus import BusUnavailable
 from schemas import JobPhase, JobState, StatusEvent, TrainJob, TrainRequest
 
@@ -198,38 +198,3 @@ async def test_an_outage_keeps_each_job_s_order_and_only_its_newest_beat(tmp_pat
     a = [e for e in bus.confirmed if e.job_id == jobs[0].job_id]
     assert a[-1].state is JobState.SUCCEEDED and any(e.data.metrics for e in a)
     assert len(bus.confirmed) <= 4 + 2  # the beats in flight when the outage began may go too
-
-
-async def test_an_append_is_a_few_milliseconds_off_the_event_loop(tmp_path: Path) -> None:
-    """Measures an append (an fsync'd SQLite commit on this disk) and how long the loop is held."""
-    bus = GatedBus()
-    bus.refusing = True  # nothing leaves: the appends alone are measured
-    relay = StatusRelay(bus, StatusOutbox(tmp_path / "outbox.sqlite3"), backoff=RetryBackoff(first_s=60))  # type: ignore[arg-type]
-    relay.start()
-    gaps: list[float] = []
-    stop = asyncio.Event()
-
-    async def tick() -> None:  # the loop's responsiveness while appends run
-        last = time.perf_counter()
-        while not stop.is_set():
-            await asyncio.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
-    durations, on_loop = [], []
-    for sequence in range(1, 201):
-        t0 = time.perf_counter()
-        future = relay.submit(event("a", sequence))
-        on_loop.append(time.perf_counter() - t0)
-        await asyncio.wrap_future(future)
-        durations.append(time.perf_counter() - t0)
-    stop.set()
-    await ticker
-    await relay.close(timeout=0)
-    p50, p99 = statistics.median(durations), sorted(durations)[int(0.99 * len(durations))]
-    print(f"\nappend (durable): median {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms; on the event loop: median "
-          f"{statistics.median(on_loop) * 1e6:.0f} µs, max {max(on_loop) * 1e6:.0f} µs; longest loop gap "
-          f"{max(gaps) * 1e3:.1f} ms")
-    assert p50 < 0.25 and statistics.median(on_loop) < 0.005

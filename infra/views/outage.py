@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TypeVar
 
+from infra.backoff import RetryBackoff
 from schemas import utc_now
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,7 @@ class StoreOutage:
     """
 
     def __init__(self, *, first_delay: float = 0.5, max_delay: float = 30.0) -> None:
-        if not 0 < first_delay <= max_delay:
-            raise ValueError("need 0 < first_delay <= max_delay")
-        self.first_delay = first_delay
-        self.max_delay = max_delay
+        self.backoff = RetryBackoff(first_s=first_delay, max_s=max_delay)
         self.down_since: datetime | None = None  # None while the store answers
         self._down_at = 0.0  # monotonic, for the duration
         self._down_callbacks: list[Callable[[], None]] = []
@@ -54,8 +52,7 @@ class StoreOutage:
     async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """``await operation()``, again and again with pauses (``first_delay`` doubling up to
         ``max_delay``) until it returns; ``what`` names it in the log. Cancellation ends it."""
-        delay = self.first_delay
-        while True:
+        for delay in self.backoff.delays():
             try:
                 result = await operation()
             except Exception as exc:  # noqa: BLE001 - any store failure means "down": see the class doc
@@ -63,10 +60,10 @@ class StoreOutage:
                 log.debug("view store still down (%s: %s); retrying %s in %.1f s",
                           type(exc).__name__, exc, what, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_delay)
                 continue
             self._came_back()
             return result
+        raise AssertionError("unreachable: the delays never end")
 
     def _went_down(self, what: str, exc: Exception) -> None:
         if self.down_since is not None:
@@ -74,7 +71,7 @@ class StoreOutage:
         self.down_since, self._down_at = utc_now(), time.monotonic()
         log.warning("view store unreachable (%s: %s) while trying to %s: consuming stops, the message is "
                     "held unacked and retried every %g..%g s until the store is back",
-                    type(exc).__name__, exc, what, self.first_delay, self.max_delay)
+                    type(exc).__name__, exc, what, self.backoff.first_s, self.backoff.max_s)
         for callback in self._down_callbacks:
             callback()
 
