@@ -15,7 +15,9 @@ What runs (all on 127.0.0.1):
   ``run_worker``, claiming jobs in the views, a status outbox each, checkpoints in one local
   directory shared by all, and a tracker that appends ``begin``/``finish``/``fail``/``detach``
   lines to a trace file instead of talking to MLflow, so a job (a tiny config on a 6-pair, 64-px
-  synthetic dataset) costs well under a second.
+  synthetic dataset) costs well under a second. They run at ``nice 10``: on this shared 2-core
+  machine training must not take the CPU from the broker, nx-27017 and the projector, which run on
+  other machines in production.
 - **The event load** (``python bench/soak.py generate``, a subprocess): RUNNING events, like
   heartbeats, for ``--synthetic-jobs`` job ids (50) at ``--event-rate`` (300/s) through the bus, so
   the projector is loaded. Those jobs have no QUEUED event, so no request, and the watchdog never
@@ -52,7 +54,7 @@ at the same time (attempt intervals from ``begin`` to ``finish``/``fail``/``deta
 SIGKILL); the killed job was resumed by a later attempt and succeeded.
 
     .venv/bin/python bench/soak.py                                  # 200 jobs, both faults
-    .venv/bin/python bench/soak.py --jobs 50 --no-restart --json /tmp/soak.json
+    .venv/bin/python bench/soak.py --jobs 50 --no-restart-broker --json /tmp/soak.json
 
 Needs RabbitMQ on 127.0.0.1:5672 with ``rabbitmqctl`` usable by this user (it restarts the
 broker's app: every other client of that broker is disconnected for a few seconds), and nx-27017
@@ -188,6 +190,10 @@ class SoakSummary(BaseModel):
     kill: KillReport | None
     restart: RestartReport | None
     lag: dict[str, LagStats]
+    # Median lag (ms) of the events made in each 10 s since the first POST, and the projector
+    # queue's largest ready count in each (None: the broker did not answer the whole time).
+    lag_timeline: list[tuple[int, float | None, int | None]]
+    backlog_max: int | None
     events_published: int
     events_dropped: int
     violations: list[str]
@@ -464,21 +470,24 @@ class Soak:
 
     # --- faults ---
     def training_now(self) -> tuple[Worker, TraceRecord] | None:
-        """A live worker whose newest attempt has begun and not ended (it trains now)."""
-        open_by_pid: dict[int, TraceRecord] = {}
+        """A live worker whose newest attempt has begun and not ended, and whose trainer started its
+        steps (the ``resume`` record) 0.1 to 0.5 s ago: it is in the middle of its training steps."""
+        open_by_pid: dict[int, tuple[TraceRecord, TraceRecord | None]] = {}
         for record in self.trace():
+            current = open_by_pid.get(record.pid)
+            same = current is not None and (current[0].job_id, current[0].attempt) == (record.job_id, record.attempt)
             if record.event == "begin":
-                open_by_pid[record.pid] = record
-            elif record.event in ("finish", "fail", "detach"):
-                current = open_by_pid.get(record.pid)
-                if current is not None and (current.job_id, current.attempt) == (record.job_id, record.attempt):
-                    del open_by_pid[record.pid]
+                open_by_pid[record.pid] = (record, None)
+            elif record.event == "resume" and same:
+                open_by_pid[record.pid] = (current[0], record)  # type: ignore[index]
+            elif record.event in ("finish", "fail", "detach") and same:
+                del open_by_pid[record.pid]
         now = time.time()
         for worker in self.workers:
-            record = open_by_pid.get(worker.process.pid)
-            if (worker.process.poll() is None and worker.killed_at is None and record is not None
-                    and now - record.t > 0.05):
-                return worker, record
+            begun, steps = open_by_pid.get(worker.process.pid, (None, None))
+            if (worker.process.poll() is None and worker.killed_at is None and begun is not None
+                    and steps is not None and 0.1 <= now - steps.t <= 0.5):
+                return worker, begun
         return None
 
     async def kill_one(self, views: Any) -> None:
@@ -579,6 +588,17 @@ class Soak:
         make_synthetic_dataset(self.objects / "lake" / "data", pairs=p.dataset_pairs, size=p.dataset_size, seed=5)
         topology = Topology(prefix=self.prefix)
         logging.getLogger("consumer.watchdog").addHandler(self.watchdog_log)
+        # The driver's own log (ingress, projector, watchdog, faults), beside the workers' logs.
+        (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
+        driver_log = logging.FileHandler(self.tmp / "logs" / "driver.log")
+        driver_log.setLevel(logging.INFO)
+        driver_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        driver_log.addFilter(lambda record: record.name != "aiohttp.access")
+        levels = {name: logging.getLogger(name).level for name in ("consumer", "infra", "ingress", "bench")}
+        for name in levels:
+            logging.getLogger(name).addHandler(driver_log)
+            if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+                logging.getLogger(name).setLevel(logging.INFO)
         views = MongoJobViewStore.connect(self.mongo_url, database=self.database, serverSelectionTimeoutMS=5000)
         settings = BusSettings(url=p.amqp_url, app_id="soak", connect_timeout=5.0, publish_timeout=5.0,
                                reconnect_interval=p.reconnect_interval)
@@ -727,6 +747,10 @@ class Soak:
                 await views.close()
             stop_process(nx)
             logging.getLogger("consumer.watchdog").removeHandler(self.watchdog_log)
+            for name, level in levels.items():
+                logging.getLogger(name).removeHandler(driver_log)
+                logging.getLogger(name).setLevel(level)
+            driver_log.close()
 
     def summarise(self, *, started_at: str, machine: str, total_s: float, workers_ready_s: float,
                   statuses: Counter[str], post_times: list[float], all_202_after: float,
@@ -833,6 +857,17 @@ class Soak:
             recovered = next((made for made, x in sorted(self.samples) if made >= self.t_back and x <= bound), None)
             if recovered is not None:
                 restart.lag_recovered_s = round(recovered - self.t_back, 2)
+        buckets: dict[int, list[float]] = defaultdict(list)
+        for made, x in self.samples:
+            buckets[int((made - self.t0) // 10) * 10].append(x)
+        ready_by: dict[int, list[int]] = defaultdict(list)
+        for t, ready in self.backlog:
+            if ready is not None:
+                ready_by[int((t - self.t0) // 10) * 10].append(ready)
+        timeline = [(b, round(statistics.median(buckets[b]) * 1e3, 1) if buckets.get(b) else None,
+                     max(ready_by[b]) if ready_by.get(b) else None)
+                    for b in sorted(set(buckets) | set(ready_by)) if b >= 0]
+        readies = [r for _, r in self.backlog if r is not None]
         if p.event_rate > 0 and not self.samples:
             violations.append("no lag sample was taken: the event load never reached the views")
 
@@ -849,7 +884,7 @@ class Soak:
             watchdog_requeues=len(self.watchdog_log.requeued),
             watchdog_requeued_jobs=sorted(set(self.watchdog_log.requeued)),
             watchdog_failed_sweeps=self.watchdog_log.failed_sweeps,
-            kill=kill, restart=restart, lag=lag,
+            kill=kill, restart=restart, lag=lag, lag_timeline=timeline, backlog_max=max(readies) if readies else None,
             events_published=int(counts.get("published", 0)), events_dropped=int(counts.get("dropped", 0)),
             violations=violations)
 
@@ -885,6 +920,8 @@ def report(summary: SoakSummary) -> str:
         lines.append(f"  kill: {summary.kill.model_dump()}")
     if summary.restart:
         lines.append(f"  restart: {summary.restart.model_dump()}")
+    lines.append("  lag timeline (s since first POST: median ms, projector queue max): " + ", ".join(
+        f"{t}: {m}/{b}" for t, m, b in summary.lag_timeline))
     lines.append(f"  events: {summary.events_published} published, {summary.events_dropped} dropped or not made")
     lines.append("  projector lag (event made -> view written):")
     for phase, stats in summary.lag.items():
@@ -943,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     params, args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the console; logs/driver.log gets INFO (--keep)
+        handler.setLevel(args.log_level)
     summary, soak = asyncio.run(run_soak(params, keep=args.keep))
     print(report(summary))
     if args.keep:

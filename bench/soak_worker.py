@@ -133,7 +133,7 @@ async def run(args: argparse.Namespace) -> None:
     # The worker's imports (torch) take seconds on this machine: before connecting anything.
     from consumer.checkpoints import CheckpointStore
     from consumer.roles import run_worker
-    from consumer.status_relay import RetryBackoff
+    from infra.backoff import RetryBackoff
     from consumer.stores import StoreResolver
     from consumer.worker import TrainingWorker, WorkerSettings
     from infra.bus import BusSettings, BusUnavailable

@@ -18,6 +18,7 @@ from schemas.control import CancelCommand
 from schemas.topology import ALL_CANCELS
 
 from .dead_letters import DeadLetters
+from .sweep_gate import SweepGate
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:  # the worker imports torch; the projector role must start without it
@@ -56,7 +57,9 @@ async def run_projector(bus: MessageBus, views: JobViewStore, watchdog: Watchdog
     then every event that waited in the queue while no projector ran is in the views before the
     first sweep. It is cleared the moment the view store goes down (``outage``, made here if not
     given, pauses the projector and the dead letters until it is back): the heartbeats that pile
-    up meanwhile are projected before the watchdog judges anything again.
+    up meanwhile are projected before the watchdog judges anything again. Between those, the
+    watchdog also holds while the projector runs behind or the broker was just away
+    (consumer/sweep_gate.py).
     """
     await views.ensure_indexes()
     outage = outage if outage is not None else StoreOutage()
@@ -102,8 +105,11 @@ async def run_projector(bus: MessageBus, views: JobViewStore, watchdog: Watchdog
         subscriptions.append(await bus.consume_projector(project, model=StatusEvent, prefetch=1))
         subscriptions.append(await bus.consume_dead_status(dead_letters.on_dead_status))
         subscriptions.append(await bus.consume_dead_requests(dead_letters.on_dead_request))
+        gate = SweepGate(bus, projector, stale_after=watchdog.stale_after, poll_interval=poll_interval)
         tasks.append(asyncio.create_task(watch_backlog(), name="projector-backlog"))
-        tasks.append(asyncio.create_task(watchdog.run(sweep_interval, caught_up=caught_up), name="watchdog"))
+        tasks.append(asyncio.create_task(gate.watch(), name="sweep-gate"))
+        tasks.append(asyncio.create_task(watchdog.run(sweep_interval, caught_up=caught_up, gate=gate.hold_reason),
+                                         name="watchdog"))
         log.info("projector consuming status events and dead letters")
         await stop.wait()
     finally:

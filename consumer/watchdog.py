@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 from infra.bus import BusUnavailable, MessageBus
@@ -240,15 +240,26 @@ class Watchdog:
                  "or the job spoke)", view.job_id, event.data.state.value)
         return False
 
-    async def run(self, interval: float = 60.0, caught_up: asyncio.Event | None = None) -> None:
+    async def run(self, interval: float = 60.0, caught_up: asyncio.Event | None = None,
+                  gate: Callable[[], str | None] | None = None) -> None:
         """Sweep every ``interval`` seconds; with ``caught_up``, only while it is set: the projector
         clears it when the view store goes down, and sets it again once the events that piled up
-        meanwhile are projected, so an outage never makes a live job look silent."""
+        meanwhile are projected, so an outage never makes a live job look silent. ``gate`` says
+        why not to sweep now (consumer/sweep_gate.py: the projector behind, the broker just back)."""
         restarted = self.volatile_queue
+        held: str | None = None
         while True:
             if caught_up is not None and not caught_up.is_set():
                 log.info("watchdog waits for the projector to catch up with its queue")
                 await caught_up.wait()
+            reason = gate() if gate is not None else None
+            if reason is not None:
+                if reason.split(":")[0] != (held or "").split(":")[0]:
+                    log.info("watchdog holds its sweep: %s", reason)
+                held = reason
+                await asyncio.sleep(interval)
+                continue
+            held = None
             try:
                 if restarted:
                     await self.republish_unconfirmed(every_queued=True)

@@ -29,6 +29,9 @@ class Projector:
         # Events being projected now, including one held through a store outage: the
         # watchdog's "caught up" check needs none.
         self.in_flight = 0
+        # The publisher's time of the newest event projected: how far behind the projector runs
+        # while its queue is not empty (consumer/sweep_gate.py).
+        self.last_event_time: datetime | None = None
 
     @property
     def store_down_since(self) -> datetime | None:
@@ -42,6 +45,7 @@ class Projector:
                                               lambda: self.store.apply(event))
         finally:
             self.in_flight -= 1
+        self.last_event_time = event.time
         if advanced:
             self.applied += 1
         else:
