@@ -90,6 +90,8 @@ if str(ROOT) not in sys.path:
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
+from bench.service_latency import percentile  # noqa: E402
+
 log = logging.getLogger("bench.soak")
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -200,16 +202,6 @@ class SoakSummary(BaseModel):
 
 
 # --- small helpers --------------------------------------------------------------------------------
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def lag_stats(seconds: list[float]) -> LagStats:
     if not seconds:
         return LagStats(samples=0)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from infra.backoff import retry_briefly
 from infra.views.store import JobViewStore
 from schemas import JobView, StatusEvent
 from schemas.jobs import attempt_of
@@ -41,15 +42,13 @@ async def claim_job(views: JobViewStore, starting: StatusEvent,
     """Write the attempt's STARTING event as its claim; False when the job is not this attempt's
     to run. A store that does not answer is retried, then :class:`ClaimUnavailable` (training
     without the lease could run the job twice)."""
-    for delay in (*retry_delays, None):
-        try:
-            return await views.claim(starting)
-        except Exception as exc:  # noqa: BLE001 - any store failure: retry, then give the job back
-            if delay is None:
-                raise ClaimUnavailable(f"job {starting.job_id}: the job view store did not take the claim: {exc}") from exc
-            log.warning("job %s: claim not written (%s); retrying in %ss", starting.job_id, exc, delay)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+    def retrying(exc: Exception, delay: float) -> None:
+        log.warning("job %s: claim not written (%s); retrying in %ss", starting.job_id, exc, delay)
+
+    try:
+        return await retry_briefly(lambda: views.claim(starting), retry_delays, retrying)
+    except Exception as exc:  # noqa: BLE001 - any store failure: give the job back
+        raise ClaimUnavailable(f"job {starting.job_id}: the job view store did not take the claim: {exc}") from exc
 
 
 async def read_view(views: JobViewStore | None, job_id: str) -> JobView | None:

@@ -43,7 +43,7 @@ from consumer.ownership import check_view, claim_job, read_view, watch_job
 from consumer.status import JobStatusPublisher
 from consumer.status_hooks import StatusHooks
 from consumer.status_relay import StatusRelay
-from infra.backoff import RetryBackoff
+from infra.backoff import RetryBackoff, retry_briefly
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
 from infra.views.store import JobViewStore
@@ -301,23 +301,28 @@ class TrainingWorker:
         that cannot be read is retried, then the job starts afresh: training beats waiting."""
         if self.checkpoints is None:
             return None
-        for delay in (1.0, 5.0, None):
-            try:
-                progress = await self.checkpoints.latest(job.job_id)
-                if progress is not None:
-                    await self.checkpoints.restore(progress, out_dir, LAST_CHECKPOINT, BEST_CHECKPOINT)
-                    log.info("job %s: resuming attempt %d's checkpoint (epoch %d, step %d%s)", job.job_id,
-                             progress.attempt, progress.epoch, progress.global_step,
-                             ", training finished" if progress.finished else "")
-                return progress
-            except Exception as exc:  # noqa: BLE001
-                if delay is None:
-                    log.error("job %s: cannot read its checkpoints from %s (%s); training from the start",
-                              job.job_id, self.checkpoints, exc)
-                    return None
-                log.warning("job %s: cannot read its checkpoints (%s); retrying in %ss", job.job_id, exc, delay)
-                await asyncio.sleep(delay)
-        return None
+        checkpoints = self.checkpoints
+
+        async def newest() -> StoredProgress | None:
+            progress = await checkpoints.latest(job.job_id)
+            if progress is not None:
+                await checkpoints.restore(progress, out_dir, LAST_CHECKPOINT, BEST_CHECKPOINT)
+            return progress
+
+        def retrying(exc: Exception, delay: float) -> None:
+            log.warning("job %s: cannot read its checkpoints (%s); retrying in %ss", job.job_id, exc, delay)
+
+        try:
+            progress = await retry_briefly(newest, (1.0, 5.0), retrying)
+        except Exception as exc:  # noqa: BLE001
+            log.error("job %s: cannot read its checkpoints from %s (%s); training from the start",
+                      job.job_id, checkpoints, exc)
+            return None
+        if progress is not None:
+            log.info("job %s: resuming attempt %d's checkpoint (epoch %d, step %d%s)", job.job_id,
+                     progress.attempt, progress.epoch, progress.global_step,
+                     ", training finished" if progress.finished else "")
+        return progress
 
     async def _prepare_unless_interrupted(self, job: TrainJob, control: JobControl) -> tuple[Path, TrainConfig]:
         """The fetch, abandoned as soon as the job is cancelled, superseded or the worker stops
