@@ -2,7 +2,7 @@
 #   make demo   - start the service on embedded parts, train two jobs (bucket drop and REST)
 #   make setup  - create .venv with the project and everything its tests and benchmarks use
 #   make test   - install what is missing, start the services the tests need, run every test
-#   make bench  - training-step benchmark (eager fp32 vs the trainer's optimized path)
+#   make bench  - run the benchmarks and print each goal beside its measured figure (bench/run_all.py)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -32,8 +32,8 @@ test: setup services
 test-fast: setup services
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
-	$(BIN)/python bench/train_step.py --base-channel 16 --crop 256 --batch 4
+bench: setup services
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) runs .cdtrain *.egg-info

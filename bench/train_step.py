@@ -11,8 +11,9 @@ parameter groups, fed random ``(batch, 3, crop, crop)`` pairs and a random 0/1 m
                    (what the trainer runs with the default compile=auto on a CPU)
     bf16           channels_last + bf16 autocast forced, no compile
     compile_fp32   contiguous, fp32, torch.compile
-    optimized      the trainer's path: channels_last "auto" (NHWC on CUDA / bf16 CPUs), Precision.choose + compile
-                   (exactly the trainer's optimised path)
+    auto           the trainer's defaults to the letter: channels_last, precision and compile all
+                   "auto" (on a CPU: no compile; on CUDA: compile)
+    optimized      channels_last "auto" (NHWC on CUDA / bf16 CPUs), Precision.choose + compile forced
     optimized_bf16 channels_last + bf16 autocast forced + torch.compile
     max_autotune   as optimized, but torch.compile(mode="max-autotune-no-cudagraphs")
                    (an experiment: TrainStep has no mode argument, so its forward is swapped)
@@ -65,7 +66,8 @@ VARIANTS: dict[str, tuple[bool | str, str, bool | str]] = {
     "amp": (True, "auto", False),
     "bf16": (True, "bf16", False),
     "compile_fp32": (False, "fp32", True),
-    "optimized": ("auto", "auto", True),  # exactly the trainer's defaults: auto layout, amp, compile
+    "auto": ("auto", "auto", "auto"),  # the trainer's defaults to the letter, compile: auto included
+    "optimized": ("auto", "auto", True),  # the trainer's defaults with compile forced on
     "optimized_bf16": (True, "bf16", True),
     "max_autotune": (True, "auto", "max-autotune-no-cudagraphs"),
 }
@@ -112,7 +114,7 @@ def _serve(conn, name: str, opts: dict) -> None:
     from snunet_cbam.losses import HybridLoss
     from snunet_cbam.runtime import Precision
     from snunet_cbam.step import TrainStep
-    from snunet_cbam.runtime import use_channels_last
+    from snunet_cbam.runtime import should_compile, use_channels_last
     from snunet_cbam.trainer import _split_decay_groups
 
     torch.set_num_threads(opts["threads"])
@@ -132,8 +134,9 @@ def _serve(conn, name: str, opts: dict) -> None:
     model.train()
     loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
     optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-    step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last, compile=compile_opt is True)
-    if isinstance(compile_opt, str):
+    compile_now = should_compile(compile_opt, device) if compile_opt == "auto" else compile_opt is True
+    step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last, compile=compile_now)
+    if isinstance(compile_opt, str) and compile_opt != "auto":
         step.forward = torch.compile(model, mode=compile_opt)
         step.compiled = True
     shape = (opts["batch"], 3, opts["crop"], opts["crop"])
@@ -163,7 +166,7 @@ def _serve(conn, name: str, opts: dict) -> None:
     sync()
     baseline = torch.cuda.memory_allocated(device) if cuda else _rss_kib("VmRSS")
     conn.send(("ready", {"precision": precision.name, "channels_last": channels_last,
-                         "compile": compile_opt, "torch_threads": torch.get_num_threads()}))
+                         "compile": step.compiled, "torch_threads": torch.get_num_threads()}))
 
     while True:
         cmd, arg = conn.recv()
@@ -439,7 +442,10 @@ def print_table(names: list[str], results: dict[str, dict], device: str) -> None
         res = results.get(name, {})
         _, _, comp = VARIANTS[name]
         fmt = "channels_last" if res.get("channels_last", VARIANTS[name][0] is True) else "contiguous"
-        comp_s = "no" if not comp else ("yes" if comp is True else "autotune")
+        if comp == "auto":
+            comp_s = "yes" if res.get("compile") else "no"
+        else:
+            comp_s = "no" if not comp else ("yes" if comp is True else "autotune")
         if "median_images_per_s" not in res:
             if "skipped" in res:
                 print(f"{name:<15} {fmt:<13} {res['precision']:<5} {comp_s:<8} SKIPPED: {res['skipped']}")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from cdtrain.settings import ServiceSettings
 from infra.bus import BusUnavailable, InProcessBus, MemoryBroker, MessageBus, create_bus
 from infra.views import open_view_store
+from schemas.redact import RedactingFilter, Redactor
 from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
                 # and the projector share; a file of this process is not those.
                 log.warning("CDTRAIN_MONGODB_URL is not set: this worker cannot see jobs cancelled while queued, "
                             "nor tell that another worker holds a job")
+            if ingress_settings.allowed_uris is None and not settings.embedded_bus:
+                log.warning("CDTRAIN_ALLOWED_URIS is not set: this worker reads any dataset its credentials can "
+                            "read, whoever queued the job")
             if not settings.checkpoints_at.startswith("s3://") and not settings.embedded_bus:
                 log.warning("CDTRAIN_CHECKPOINT_URI is not s3://: checkpoints stay on this machine (%s), and a job "
                             "resumes only here", settings.checkpoints_at)
@@ -146,10 +150,11 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, vie
     await checkpoints.check()
     log.info("checkpoints go to %s", settings.checkpoints_at)
     worker = TrainingWorker(
-        bus, StoreResolver(objects, allow_local_paths=settings.allow_local_paths), tracker,
+        bus, StoreResolver(objects, allow_local_paths=settings.allow_local_paths,
+                           allowed=settings.ingress.allowed_uris), tracker,
         WorkerSettings(work_dir=settings.data_dir / "worker", source=_source("worker"),
                        heartbeat_interval=settings.heartbeat_interval, checkpoint_every_s=settings.checkpoint_every_s,
-                       config_overrides=settings.worker_config,
+                       config_overrides=settings.worker_config, limits=settings.limits,
                        # Unsent status events survive a restart here; one outbox per worker process.
                        outbox_path=settings.data_dir / "worker" / "status-outbox.sqlite3"),
         # Claims (one owner per job) and cancel requests the ingress recorded.
@@ -170,8 +175,17 @@ def _source(role: str) -> str:
 
 
 def main(role: str) -> int:
-    settings = ServiceSettings.from_env(os.environ)
-    logging.basicConfig(level=settings.ingress.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ingress.security import InsecureStart, check_startup
+
+    try:
+        settings = ServiceSettings.from_env(os.environ)
+        logging.basicConfig(level=settings.ingress.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        RedactingFilter(Redactor(settings.secret_values())).install()
+        if role in ("all", "ingress"):
+            check_startup(settings.ingress)
+    except (ValueError, InsecureStart) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if role != "all" and settings.embedded_bus:
         # The embedded bus only connects the roles of one process.
         advice = ("set CDTRAIN_BUS_URL (amqp://...), or run `cdtrain serve` (all roles) for a one-machine "

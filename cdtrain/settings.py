@@ -14,6 +14,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.secret_files import with_secret_files
+from schemas.redact import url_password
+from consumer.limits import DatasetLimits
 from ingress.settings import IngressSettings
 from schemas.jobs import DEFAULT_DEADLINE_S
 
@@ -42,6 +45,18 @@ SERVICE_ENV_VARS = {
     "CDTRAIN_ALLOW_LOCAL_PATHS": "let jobs read file:// datasets (default: only in the embedded mode)",
     "CDTRAIN_PROMOTION_MARGIN": "quality gate of the registry: a model reaches production only with an F1 above "
                                 "its validation split's all-change F1 plus this margin (default 0.10)",
+    # The worker's limits (consumer/limits.py); past one a job ends FAILED naming the variable.
+    "CDTRAIN_MAX_ARCHIVE_BYTES": "largest dataset archive a worker downloads, checked on its HEAD and on what "
+                                 "arrives (default 274877906944, 256 GiB)",
+    "CDTRAIN_MAX_EXTRACTED_BYTES": "most bytes an archive may expand to (default 274877906944, 256 GiB)",
+    "CDTRAIN_MAX_ARCHIVE_MEMBERS": "most members (files, folders, links) in an archive (default 1000000)",
+    "CDTRAIN_MAX_DATASET_BYTES": "most bytes under a dataset prefix, from its listing (default 274877906944, 256 GiB)",
+    "CDTRAIN_MAX_DATASET_OBJECTS": "most objects under a dataset prefix, from its listing (default 1000000)",
+    "CDTRAIN_MAX_CONFIG_BYTES": "largest config_uri file (default 1048576, 1 MiB)",
+    "CDTRAIN_MAX_IMAGE_PIXELS": "most pixels (width x height) in one image, read from its header before anything "
+                                "decodes it; over it the dataset is refused whole (default 134217728, 2**27)",
+    "CDTRAIN_CACHE_MAX_BYTES": "bound of a worker's dataset cache, least recently used datasets evicted first; the "
+                               "one in use is kept even when larger (default 107374182400, 100 GiB)",
 }
 
 
@@ -73,6 +88,11 @@ class ServiceSettings(BaseModel):
     promotion_margin: float = Field(0.10, ge=-1, le=1)
     # Bus connection attempts (2 s apart) of the worker and projector roles before they exit.
     connect_attempts: int = Field(30, ge=1)
+    # What a job's dataset and config may take of a worker, and its dataset cache's bound.
+    limits: DatasetLimits = DatasetLimits()
+
+    def secret_values(self) -> list[str | None]:
+        return [*self.ingress.secret_values(), url_password(self.mlflow_tracking_uri)]
 
     @property
     def checkpoints_at(self) -> str:
@@ -84,9 +104,10 @@ class ServiceSettings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "ServiceSettings":
+        environ = with_secret_files(environ)
         env = {k: v for k, v in environ.items() if v != ""}
         data_dir = Path(env.get("CDTRAIN_DATA_DIR", ".cdtrain")).resolve()
-        ingress = IngressSettings.from_env(env)
+        ingress = IngressSettings.from_env(environ)  # unfiltered: an empty token is an error there
         embedded = {}
         if "CDTRAIN_MONGODB_URL" not in env:
             embedded["view_store_url"] = str(data_dir / "views.json")
@@ -117,6 +138,7 @@ class ServiceSettings(BaseModel):
             job_deadline=env.get("CDTRAIN_JOB_DEADLINE_S", float(DEFAULT_DEADLINE_S)),
             worker_config=worker_config,
             promotion_margin=env.get("CDTRAIN_PROMOTION_MARGIN", 0.10),
+            limits=DatasetLimits.from_env(env),
             allow_local_paths=(allow_local.lower() in ("1", "true", "yes", "on")) if allow_local
             else ingress.bus.in_process,
         )

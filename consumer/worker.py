@@ -37,7 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from consumer.cancellation import JobControl, cancel_reason
 from consumer.checkpoints import CheckpointStore, CheckpointUploader, StoredProgress
+from consumer.dataset_cache import DatasetCache
 from consumer.dataset_fetch import DatasetFetchError, fetch_config, fetch_dataset
+from consumer.limits import DatasetLimits
 from consumer.outbox import StatusOutbox
 from consumer.ownership import check_view, claim_job, read_view, watch_job
 from consumer.status import JobStatusPublisher
@@ -110,6 +112,8 @@ class WorkerSettings(BaseModel):
     # status events; what is not confirmed by then stays in the outbox (sent later, or by the next
     # process on the same outbox).
     status_settle_s: float = Field(10.0, ge=0)
+    # What a job's dataset and config may take of this machine, and the dataset cache's bound.
+    limits: DatasetLimits = DatasetLimits()
 
     @property
     def status_outbox(self) -> Path:
@@ -134,6 +138,8 @@ class TrainingWorker:
         self.checkpoints = checkpoints
         # Every job's status events go through this outbox, in order, retried until confirmed.
         self.relay = StatusRelay(bus, StatusOutbox(settings.status_outbox), backoff=settings.status_retry)
+        # Datasets by content, least recently used evicted past the bound; a job's own is held.
+        self.datasets = DatasetCache(settings.work_dir / "cache", max_bytes=settings.limits.cache_max_bytes)
         self._controls: dict[str, JobControl] = {}
         self._stopping = False
         self._idle = asyncio.Event()
@@ -177,6 +183,7 @@ class TrainingWorker:
                 await self._run(job, attempt, status, control)
         finally:
             self._controls.pop(job.job_id, None)
+            self.datasets.release(job.job_id)
             await status.close()
             self._idle.set()
 
@@ -236,7 +243,8 @@ class TrainingWorker:
                 best_key=resumed.best_key if resumed else None, enabled=lambda: not control.superseded))
         # stop() during the download set the token already: the trainer stops at its first step.
         trainer = Trainer(config, data_dir, out_dir, hooks=hooks, cancel=control.token,
-                          checkpoint_every_s=self.settings.checkpoint_every_s)
+                          checkpoint_every_s=self.settings.checkpoint_every_s,
+                          max_image_pixels=self.settings.limits.max_image_pixels)
         try:
             result = await asyncio.to_thread(trainer.fit, resume=resumed is not None)
         except (InvalidDatasetError, DatasetLayoutError) as exc:
@@ -352,11 +360,14 @@ class TrainingWorker:
             base = TrainConfig()
             if request.config_uri:
                 store, location = self.stores.resolve(request.config_uri, field="config_uri")
-                text = await fetch_config(store, location)
-                base = TrainConfig.from_mapping(parse_yaml_mapping(text, request.config_uri))
+                text = await fetch_config(store, location, max_bytes=self.settings.limits.max_config_bytes)
+                # The file's text never reaches the job's public error: keys and problems only.
+                base = TrainConfig.from_mapping(parse_yaml_mapping(text, request.config_uri, echo=False),
+                                                echo_values=False)
             config = TrainConfig.from_mapping(self.settings.config_overrides, request.train_config(base))
             store, location = self.stores.resolve(request.dataset_uri, field="dataset_uri")
-            fetched = await fetch_dataset(store, location, self.settings.work_dir / "cache")
+            fetched = await fetch_dataset(store, location, self.datasets, limits=self.settings.limits,
+                                          holder=job.job_id)
         except (ConfigError, DatasetFetchError, ValueError) as exc:
             raise JobInputError(str(exc)) from None
         return fetched.path, config

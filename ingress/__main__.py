@@ -1,5 +1,7 @@
 """``python -m ingress``: run the ingress with settings from the environment (docs/api.md)."""
 
+import sys
+
 from ingress.main import main
 
-main()
+sys.exit(main())

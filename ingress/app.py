@@ -21,6 +21,7 @@ from ingress.deps import DEPS, Deps
 from ingress.health import healthz, readyz
 from ingress.http import auth_middleware, error_middleware
 from ingress.routes_events import head_events, post_events
+from ingress.routes_docs import ApiDocs
 from ingress.routes_train import delete_job, get_job, list_jobs, post_train
 from ingress.sse import stream_job_events
 from ingress.submit import Submitter, ViewReader
@@ -41,7 +42,8 @@ BUCKET_EVENTS = web.AppKey("cdtrain_bucket_events", BucketEventHandler)
 def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewStore,
                object_store: ObjectStore) -> web.Application:
     views = ViewReader(view_store, timeout_s=settings.store_timeout_s, retry_after_s=settings.retry_after_s)
-    submitter = Submitter(bus, views, event_source=event_source("ingress", settings.instance))
+    submitter = Submitter(bus, views, event_source=event_source("ingress", settings.instance),
+                          allowed=settings.allowed_uris)
     bucket_events = BucketEventHandler(settings.trigger, object_store, submitter,
                                        retry_after_s=settings.retry_after_s)
     deps = Deps(settings=settings, bus=bus, views=views, submitter=submitter, bucket_events=bucket_events,
@@ -49,7 +51,7 @@ def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewSt
 
     # error_middleware outermost: a 401 or anything raised further in still leaves as JSON.
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(settings.api_token, settings.webhook_token)],
+        middlewares=[error_middleware, auth_middleware(settings.enforced_api_token, settings.enforced_webhook_token)],
         client_max_size=settings.client_max_size,
     )
     app[DEPS] = deps
@@ -63,6 +65,9 @@ def create_app(settings: IngressSettings, bus: MessageBus, view_store: JobViewSt
     app.router.add_post("/events/s3", post_events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    docs = ApiDocs()  # open, like the probes: it describes the API, not its data
+    app.router.add_get("/openapi.json", docs.openapi_json)
+    app.router.add_get("/docs", docs.docs_page)
     app.on_shutdown.append(_end_streams)
     app.on_cleanup.append(_close_submitter)
     return app

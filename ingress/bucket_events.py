@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ingress.errors import IdempotencyConflict, Unavailable
+from ingress.errors import IdempotencyConflict, LocationNotAllowed, Unavailable
 from ingress.models import TriggerResult
 from ingress.submit import Submitter
 from ingress.trigger import decide
@@ -47,11 +47,16 @@ class BucketEventHandler:
                               retry_after=self.retry_after_s) from exc
         request = decision.request
         if request is None:
-            log.debug("ignored %s: %s", obj.uri, decision.reason)
+            log.log(logging.WARNING if decision.notable else logging.DEBUG, "ignored %s: %s", obj.uri, decision.reason)
             return TriggerResult(uri=obj.uri, action="ignored", reason=decision.reason)
         common = dict(uri=obj.uri, dataset_uri=request.dataset_uri, config_uri=request.config_uri)
         try:
             sub = await self.submitter.submit(request, source="bucket", trigger=obj.to_trigger())
+        except LocationNotAllowed as exc:
+            # Another bucket's events reaching this target, or a trigger prefix wider than the
+            # allow-list: an operator wants to know, and nothing starts.
+            log.warning("ignored %s: %s", obj.uri, exc)
+            return TriggerResult(action="ignored", reason=str(exc), **common)
         except IdempotencyConflict as exc:
             # Same object version, but e.g. a train_config.yaml appeared since: still one job.
             return TriggerResult(action="duplicate", job_id=exc.job_id,

@@ -25,6 +25,10 @@ class RequestInvalid(ValueError):
         return self.details[0].field if self.details else None
 
 
+class LocationNotAllowed(RequestInvalid):
+    """A dataset or config location outside CDTRAIN_ALLOWED_URIS (HTTP 403); names the field."""
+
+
 class IdempotencyConflict(ValueError):
     """An idempotency key reused with a different request (HTTP 409)."""
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from aiohttp import web
 
 from ingress.deps import DEPS
-from ingress.http import json_response
+from ingress.http import bearer_ok, json_response
 from ingress.models import Readiness
 
 _PROBE_JOB_ID = "readyz-probe"
@@ -29,6 +29,9 @@ async def readyz(request: web.Request) -> web.Response:
         _probe(deps.views.store.get(_PROBE_JOB_ID), timeout),
     )
     checks = dict(zip(names, outcomes))
+    if not bearer_ok(request, deps.settings.enforced_api_token):
+        # Driver errors name hosts, ports and users: only callers with the API token see them.
+        checks = {name: "ok" if state == "ok" else "down" for name, state in checks.items()}
     down = [f"{name}: {state.removeprefix('down: ')}" for name, state in checks.items() if state != "ok"]
     if down:
         body = Readiness(status="unavailable", checks=checks, error="not ready: " + "; ".join(down))

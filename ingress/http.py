@@ -10,7 +10,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, SecretStr
 
-from ingress.errors import IdempotencyConflict, MalformedBody, NothingToCancel, RequestInvalid, Unavailable
+from ingress.errors import (
+    IdempotencyConflict,
+    LocationNotAllowed,
+    MalformedBody,
+    NothingToCancel,
+    RequestInvalid,
+    Unavailable,
+)
 from ingress.models import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every error leaves as JSON ``{"error": ...}``, whichever layer raised it."""
     try:
         return await handler(request)
+    except LocationNotAllowed as exc:
+        return error_response(403, str(exc), field=exc.field, details=exc.details)
     except RequestInvalid as exc:
         return error_response(422, str(exc), field=exc.field, details=exc.details)
     except MalformedBody as exc:
@@ -60,6 +69,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.text or exc.reason
         if exc.status == 404:
             message = f"no such resource: {request.path}"
+        elif exc.status == 413:
+            message = f"request body too large: {message}"
         elif exc.status == 405:
             message = f"{request.method} is not allowed on {request.path} (allowed: {headers.get('Allow', '')})"
         return error_response(exc.status, message, headers=headers)

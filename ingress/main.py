@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from ingress.app import BUCKET_EVENTS, create_app
 from ingress.settings import IngressSettings
+from schemas.redact import RedactingFilter, Redactor
 from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -141,10 +143,18 @@ def _secret(value: Any) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
-def main() -> None:
+def main() -> int:
     """``python -m ingress``: settings from the environment, SIGTERM/SIGINT stop gracefully."""
-    settings = IngressSettings.from_env(os.environ)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ingress.security import InsecureStart, check_startup
+
+    try:
+        settings = IngressSettings.from_env(os.environ)
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        RedactingFilter(Redactor(settings.secret_values())).install()
+        check_startup(settings)
+    except (ValueError, InsecureStart) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -154,3 +164,4 @@ def main() -> None:
         await run_ingress(settings, stop=stop)
 
     asyncio.run(serve())
+    return 0

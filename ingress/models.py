@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas.jobs import JobView, UtcDatetime
+from schemas.jobs import JobState, JobView, UtcDatetime
 
 
 class _Body(BaseModel):
@@ -53,6 +53,13 @@ class CancelAccepted(_Body):
 class JobList(_Body):
     jobs: list[JobView]
     next_cursor: str | None = None
+
+
+class SseEnd(_Body):
+    """The ``end`` event of GET /train/{job_id}/events: the job ended; the stream closes."""
+
+    job_id: str
+    state: JobState  # lower-case value, as in the job view
 
 
 class TriggerResult(_Body):

@@ -7,6 +7,7 @@ import re
 
 from aiohttp import web
 
+from infra.views.merge import InvalidCursor
 from ingress.deps import DEPS
 from ingress.errors import RequestInvalid
 from ingress.http import error_response, json_response
@@ -36,7 +37,7 @@ async def delete_job(request: web.Request) -> web.Response:
     """Cancel a job: 202 once the request is recorded (ingress/cancel.py), 404, or 409 if it ended."""
     deps = request.app[DEPS]
     job_id = request.match_info["job_id"]
-    outcome = await deps.canceller.cancel(job_id) if _JOB_ID.match(job_id) else None
+    outcome = await deps.canceller.cancel(job_id) if _JOB_ID.fullmatch(job_id) else None
     if outcome is None:
         return error_response(404, f"job {job_id} not found")
     view = outcome.view
@@ -48,7 +49,7 @@ async def delete_job(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     job_id = request.match_info["job_id"]
-    view = await deps.views.call(deps.views.store.get(job_id)) if _JOB_ID.match(job_id) else None
+    view = await deps.views.call(deps.views.store.get(job_id)) if _JOB_ID.fullmatch(job_id) else None
     if view is None:
         return error_response(404, f"job {job_id} not found")
     return json_response(view)
@@ -60,6 +61,6 @@ async def list_jobs(request: web.Request) -> web.Response:
     try:
         jobs, next_cursor = await deps.views.call(
             deps.views.store.list(limit=query.limit, cursor=query.cursor, state=query.status))
-    except ValueError as exc:  # InvalidCursor: limit and status were checked above
+    except InvalidCursor as exc:  # limit and status were checked above; anything else is ours (500)
         raise RequestInvalid("query", [FieldProblem(field="cursor", message=str(exc), type="value_error")]) from None
     return json_response(JobList(jobs=jobs, next_cursor=next_cursor))

@@ -10,12 +10,15 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from infra.bus.settings import BusSettings
+from infra.objects.allow_list import UriAllowList
 from infra.objects.models import S3Settings
+from infra.secret_files import TOKEN_VARS, with_secret_files
+from schemas.redact import url_password
 from schemas.jobs import ARCHIVE_SUFFIXES, MODEL_NAME_PATTERN
 
 __all__ = ["AmqpListenerSettings", "IngressSettings", "SqsSettings", "TriggerSettings", "ENV_VARS"]
@@ -71,13 +74,22 @@ class SqsSettings(_Frozen):
     error_backoff_s: float = Field(2.0, ge=0)
 
 
+def _allow_list(value: Any) -> Any:
+    return UriAllowList.parse(value) if isinstance(value, str) else value
+
+
 class IngressSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     # Names this process in the CloudEvents `source` of the QUEUED events it emits.
     instance: str = "ingress"
+    # "token": /train* and the webhook need their bearer tokens (ingress/security.py says when
+    # they must be set); "none": nobody is asked for one, and every start says so.
+    auth: Literal["token", "none"] = "token"
     api_token: SecretStr | None = None
     webhook_token: SecretStr | None = None
+    # None: not configured, which only the embedded one-machine mode accepts (ingress/security.py).
+    allowed_uris: Annotated[UriAllowList | None, BeforeValidator(_allow_list)] = None
 
     bus: BusSettings = BusSettings()
     topology_prefix: str = Field("cdtrain", pattern=r"^[A-Za-z0-9_\-]+$")
@@ -101,13 +113,42 @@ class IngressSettings(_Frozen):
     client_max_size: int = Field(1 << 20, ge=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @property
+    def enforced_api_token(self) -> SecretStr | None:
+        """The token /train* asks for; None: open (CDTRAIN_AUTH=none, or local-only without one)."""
+        return None if self.auth == "none" else self.api_token
+
+    @property
+    def enforced_webhook_token(self) -> SecretStr | None:
+        return None if self.auth == "none" else self.webhook_token
+
+    def secret_values(self) -> list[str | None]:
+        """Every credential these settings hold, for the log redactor (schemas/redact.py)."""
+        secrets = [s.get_secret_value() if s else None
+                   for s in (self.api_token, self.webhook_token, self.s3.secret_access_key, self.s3.session_token)]
+        urls = [self.bus.url, self.view_store_url, self.bucket_events_amqp.url if self.bucket_events_amqp else None]
+        return secrets + [url_password(url) for url in urls]
+
+    @field_validator("api_token", "webhook_token")
+    @classmethod
+    def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty: give a token, or unset it")
+        return value
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "IngressSettings":
         """Build settings from ``environ`` (pass ``os.environ`` at the entry point).
 
         Variables are listed in :data:`ENV_VARS` and docs/api.md; a bad value raises
-        ValueError naming the variable.
+        ValueError naming the variable. Secrets may come from files (``CDTRAIN_API_TOKEN_FILE``...).
         """
+        environ = with_secret_files(environ)
+        for var in TOKEN_VARS:
+            # Unset variables mean "no token"; an empty one is a mistake, never "auth off".
+            if var in environ and not environ[var].strip():
+                raise ValueError(f"invalid ingress settings: {var} is set but empty: give a token, or unset it "
+                                 "(CDTRAIN_AUTH=none runs without auth)")
         env = {k: v for k, v in environ.items() if v != ""}
         values: dict[str, Any] = {}
         for var, path in ENV_VARS.items():
@@ -134,8 +175,10 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "CDTRAIN_HOST": ("host",),
     "CDTRAIN_PORT": ("port",),
     "CDTRAIN_INSTANCE": ("instance",),
+    "CDTRAIN_AUTH": ("auth",),
     "CDTRAIN_API_TOKEN": ("api_token",),
     "CDTRAIN_WEBHOOK_TOKEN": ("webhook_token",),
+    "CDTRAIN_ALLOWED_URIS": ("allowed_uris",),
     "CDTRAIN_BUS_URL": ("bus", "url"),
     "CDTRAIN_TOPOLOGY_PREFIX": ("topology_prefix",),
     "CDTRAIN_MONGODB_URL": ("view_store_url",),
@@ -175,5 +218,5 @@ def _describe(exc: ValidationError) -> str:
         loc = tuple(str(p) for p in err["loc"])
         var = next((v for n in range(len(loc), 0, -1) if (v := _FIELD_TO_ENV.get(loc[:n]))), None)
         where = var or ".".join(loc) or "settings"
-        problems.append(f"{where}: {err['msg']}")
+        problems.append(f"{where}: {str(err['msg']).removeprefix('Value error, ')}")
     return "invalid ingress settings: " + "; ".join(problems)

@@ -17,7 +17,6 @@ when a stream just closes) knows to stop.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 
@@ -28,6 +27,7 @@ from infra.bus.errors import BusUnavailable
 from ingress.deps import DEPS
 from ingress.errors import Unavailable
 from ingress.http import error_response
+from ingress.models import SseEnd
 from schemas.events import StatusEvent
 from schemas.jobs import JOB_ID_PATTERN, JobState
 from schemas.topology import job_binding_key
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _RECONNECT_MS = 3000
+_STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx would otherwise buffer the stream
+}
 
 
 def frame(data: str, *, event: str | None = None, event_id: str | int | None = None) -> bytes:
@@ -50,14 +55,20 @@ def frame(data: str, *, event: str | None = None, event_id: str | int | None = N
 
 
 def end_frame(job_id: str, state: JobState) -> bytes:
-    return frame(json.dumps({"job_id": job_id, "state": state.value}), event="end")
+    return frame(SseEnd(job_id=job_id, state=state).model_dump_json(), event="end")
 
 
 async def stream_job_events(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     job_id = request.match_info["job_id"]
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):  # fullmatch: "$" alone would let a trailing newline through
         return error_response(404, f"job {job_id} not found")
+    if request.method == "HEAD":
+        # No body on a HEAD answer: the frames written to it would corrupt the connection (the
+        # next answer on it never arrives) and hold a subscription until the client left.
+        if await deps.views.call(deps.views.store.get(job_id)) is None:
+            return error_response(404, f"job {job_id} not found")
+        return web.Response(headers=_STREAM_HEADERS)
     inbox: asyncio.Queue[StatusEvent | None] = asyncio.Queue()
 
     async def on_event(event: StatusEvent, delivery: Delivery) -> None:
@@ -72,11 +83,7 @@ async def stream_job_events(request: web.Request) -> web.StreamResponse:
         view = await deps.views.call(deps.views.store.get(job_id))
         if view is None:
             return error_response(404, f"job {job_id} not found")
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx would otherwise buffer the stream
-        })
+        response = web.StreamResponse(headers=_STREAM_HEADERS)
         await response.prepare(request)
         try:
             await response.write(f"retry: {_RECONNECT_MS}\n\n".encode())

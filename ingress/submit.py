@@ -7,17 +7,22 @@ Order, and why:
    bucket event or idempotency key, one creates it and starts the job; the other answers
    "duplicate". A GET right after the 202 finds the job. The view store down: 503, nothing
    accepted.
-2. **Then the QUEUED event, then the request**, each confirmed. A worker can only get the
-   request after the QUEUED event was routed, so every subscriber sees a job's events in order.
-3. **Then the confirm is recorded** in the view (``accepted_attempt``, rule 11). The ingress
-   dying before that leaves a QUEUED view whose request may not be in the queue: the watchdog
+2. **Then the QUEUED event and the request**, sent back to back on the bus's one publishing
+   channel, their two confirms awaited together. The bus sends publishes in the order they were
+   started and the broker routes one channel's messages in the order it got them, so a worker
+   can only get the request after the QUEUED event was routed: every subscriber sees a job's
+   events in order.
+3. **Then the confirm is recorded** in the view (``accepted_attempt``, rule 11), after the 202:
+   the write only spares the watchdog a republish. The ingress dying before it lands leaves a
+   QUEUED view whose request may not be in the queue: after ``accept_grace`` the watchdog
    publishes it again (a copy that did arrive is refused by the worker's claim, rule 9).
 
 If the bus fails (a confirm that never comes), the job is ended FAILED "not accepted" with a
 compare-and-set on its QUEUED: then no copy the broker may have taken can run (a claim refuses an
-ended job), and "not accepted, submit it again" is the truth. If instead the view moved on, a
-worker already claimed the request: the job was accepted after all (202). A retry with the same
-idempotency key starts the job's next attempt (events numbered from ``attempt * ATTEMPT_STRIDE``).
+ended job), and "not accepted, submit it again" is the truth, whichever of the two confirms
+failed (the request is sent even when the QUEUED event's confirm is to fail). If instead the view
+moved on, a worker already claimed the request: the job was accepted after all (202). A retry with
+the same idempotency key starts the job's next attempt (events numbered from ``attempt * ATTEMPT_STRIDE``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from infra.bus.errors import BusUnavailable
-from ingress.errors import IdempotencyConflict, Unavailable
+from ingress.errors import IdempotencyConflict, LocationNotAllowed, Unavailable
+from ingress.models import FieldProblem
 from schemas.events import CLOUDEVENTS_CONTENT_TYPE, StatusEvent
 from schemas.jobs import (
     ATTEMPT_HEADER,
@@ -48,6 +54,7 @@ from schemas.jobs import (
 
 if TYPE_CHECKING:
     from infra.bus.base import MessageBus
+    from infra.objects.allow_list import UriAllowList
     from infra.views.store import JobViewStore
 
 log = logging.getLogger(__name__)
@@ -107,15 +114,20 @@ class ViewReader:
 
 
 class Submitter:
-    def __init__(self, bus: MessageBus, views: ViewReader, *, event_source: str) -> None:
+    def __init__(self, bus: MessageBus, views: ViewReader, *, event_source: str,
+                 allowed: UriAllowList | None = None) -> None:
         self.bus = bus
         self.views = views
         self.event_source = event_source
+        self.allowed = allowed  # None: any location (the embedded one-machine mode)
         self._locks = KeyedLock()
+        self._marking: set[asyncio.Task[None]] = set()  # confirms being recorded after the 202
 
     async def submit(self, request: TrainRequest, *, source: JobSource = "api",
                      trigger: BucketTrigger | None = None) -> Submission:
-        """Accept ``request``. Raises Unavailable (nothing accepted) or IdempotencyConflict."""
+        """Accept ``request``. Raises LocationNotAllowed, Unavailable (nothing accepted) or
+        IdempotencyConflict."""
+        self._check_allowed(request)
         key = request.idempotency_key
         if key is None:
             return await self._accept(TrainJob(request=request, source=source, trigger=trigger))
@@ -134,6 +146,15 @@ class Submitter:
             job = TrainJob(job_id=job_id, request=request, source=source, trigger=trigger)
             return await self._accept(job, attempt_of(existing.last_sequence) + 1, replaces=existing.last_sequence)
 
+    def _check_allowed(self, request: TrainRequest) -> None:
+        if self.allowed is None:
+            return
+        problems = [FieldProblem(field=field, message=why, type="location_not_allowed")
+                    for field, uri in (("dataset_uri", request.dataset_uri), ("config_uri", request.config_uri))
+                    if uri is not None and (why := self.allowed.refusal(uri)) is not None]
+        if problems:
+            raise LocationNotAllowed("train request", problems)
+
     async def _existing(self, job_id: str, key: str) -> JobView | None:
         view = await self.views.call(self.views.store.get(job_id))
         if view is None:
@@ -146,7 +167,7 @@ class Submitter:
         makes this submitter the one that starts the job (rules 10 and 7 of
         infra/views/merge.py). Then the QUEUED event and the request, both confirmed: a worker
         can only get the request after the QUEUED event was routed, so every subscriber sees a
-        job's events in order. Then the view records the confirm (rule 11)."""
+        job's events in order. Then the view records the confirm (rule 11), after the answer."""
         queued = StatusEvent.queued(job, source=self.event_source, sequence=attempt * ATTEMPT_STRIDE)
         store = self.views.store
         write = store.create(queued) if replaces is None else store.apply(queued, expect_sequence=replaces)
@@ -154,16 +175,30 @@ class Submitter:
             view = await self.views.call(store.get(job.job_id))
             return Submission(job.job_id, view.state if view else JobState.QUEUED, created=False)
         try:
-            await self._publish_event(queued)
-            await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
+            await self._publish_both(queued, job, attempt)
         except BusUnavailable as exc:
             if await self._record_not_accepted(queued, exc):
                 raise Unavailable("message bus", f"{exc}; job {job.job_id} was not accepted",
                                   retry_after=exc.retry_after) from exc
             # A worker already took it: the broker had the request after all.
             log.info("job %s: its request was not confirmed, yet a worker claimed it", job.job_id)
-        await self._mark_accepted(job.job_id, attempt)
+        # Not awaited: until it lands, losing it costs only a republish that the claim refuses.
+        task = asyncio.create_task(self._mark_accepted(job.job_id, attempt))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
         return Submission(job.job_id, JobState.QUEUED, created=True)
+
+    async def _publish_both(self, queued: StatusEvent, job: TrainJob, attempt: int) -> None:
+        """The QUEUED event, then the request, started in that order (the bus keeps it, see
+        MessageBus) and confirmed together. Both are awaited to the end, so that a failure of
+        either is handled only once the other's outcome is known."""
+        results = await asyncio.gather(
+            self._publish_event(queued),
+            self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt}),
+            return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _record_not_accepted(self, queued: StatusEvent, exc: BusUnavailable) -> bool:
         """End the job FAILED "not accepted" unless it moved since its QUEUED (a worker claimed a
@@ -202,7 +237,8 @@ class Submitter:
                                       content_type=CLOUDEVENTS_CONTENT_TYPE)
 
     async def close(self) -> None:
-        """Nothing runs in the background any more; kept for the app's shutdown hook."""
+        """Wait for the confirms still being recorded (each bounded by the store timeout)."""
+        await asyncio.gather(*self._marking, return_exceptions=True)
 
 
 def _not_accepted(view: JobView) -> bool:

@@ -37,6 +37,8 @@ class Match:
 @dataclass(frozen=True)
 class Ignored:
     reason: str
+    # Worth an operator's attention (logged as a warning), unlike a tile of an upload in progress.
+    notable: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,12 @@ class Decision:
 
     reason: str
     request: TrainRequest | None = None
+    notable: bool = False
 
 
 def classify(obj: ObjectCreated, rule: TriggerSettings) -> Match | Ignored:
     if rule.buckets and obj.bucket not in rule.buckets:
-        return Ignored(f"bucket {obj.bucket!r} is not one of the trigger buckets")
+        return Ignored(f"bucket {obj.bucket!r} is not one of the trigger buckets", notable=True)
     if not obj.key.startswith(rule.prefix):
         return Ignored(f"key is outside the trigger prefix {rule.prefix!r}")
     directory, _, name = obj.key.rpartition("/")
@@ -76,7 +79,7 @@ async def decide(obj: ObjectCreated, rule: TriggerSettings, objects: ObjectStore
     """Raises whatever the object store raises when the config lookup fails (retry later)."""
     found = classify(obj, rule)
     if isinstance(found, Ignored):
-        return Decision(found.reason)
+        return Decision(found.reason, notable=found.notable)
     config_key = found.directory + rule.config_name
     config_uri = rule.default_config_uri
     if await objects.head(obj.bucket, config_key) is not None:

@@ -8,6 +8,7 @@ TrainConfig first and their errors re-rooted under ``config.``.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -15,20 +16,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ingress.errors import MalformedBody, RequestInvalid
 from ingress.models import FieldProblem
 from schemas.jobs import JobState, TrainRequest
-from schemas.training import TrainConfig
+from schemas.redact import redact_credentials
+from schemas.training import TrainConfig, is_union_branch
 
 ROOT = "(root)"
 
 
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Strict JSON: NaN, Infinity and numbers beyond a float are not JSON, and a store writes
+        # them as null, which leaves a view that no longer reads back (GET and list would fail).
+        doc = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
+    except RecursionError:
+        raise MalformedBody(f"{what} is nested too deeply to read") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise MalformedBody(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise RequestInvalid(what, [FieldProblem(field=ROOT, message=f"must be a JSON object, got {_json_type(doc)}",
                                                  type="model_type")])
     return doc
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
 
 
 def parse_train_request(raw: bytes) -> TrainRequest:
@@ -76,7 +93,10 @@ class ListQuery(BaseModel):
 
 
 def parse_list_query(query: dict[str, str], default_limit: int) -> ListQuery:
-    values: dict[str, Any] = {"limit": default_limit, **{k: v for k, v in query.items() if v != ""}}
+    # An empty cursor is the first page (a loop that starts with none); an empty limit or status
+    # is a mistake (an unset variable, say) and is refused, never read as "no filter".
+    values: dict[str, Any] = {"limit": default_limit,
+                              **{k: v for k, v in query.items() if not (k == "cursor" and v == "")}}
     try:
         return ListQuery.model_validate(values)
     except ValidationError as exc:
@@ -84,9 +104,10 @@ def parse_list_query(query: dict[str, str], default_limit: int) -> ListQuery:
 
 
 def problems_of(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[FieldProblem]:
-    out = []
+    out: dict[str, FieldProblem] = {}
     for err in exc.errors():
-        loc = (*prefix, *(str(p) for p in err["loc"]))
+        # A union's alternatives (``int | 'auto'``) are one field: their messages are joined.
+        loc = (*prefix, *(str(p) for p in err["loc"] if not is_union_branch(p)))
         field = ".".join(loc) or ROOT
         if err["type"] == "extra_forbidden":
             message = "unknown key"
@@ -95,9 +116,11 @@ def problems_of(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[Fiel
         else:
             message = str(err["msg"]).removeprefix("Value error, ")
             if "input" in err and err["type"] not in ("model_type", "dict_type"):
-                message += f" (got {_short(err['input'])})"
-        out.append(FieldProblem(field=field, message=message, type=err["type"]))
-    return out
+                message += f" (got {redact_credentials(_short(err['input']))})"
+        first = out.get(field)
+        out[field] = (FieldProblem(field=field, message=message, type=err["type"]) if first is None else
+                      FieldProblem(field=field, message=f"{first.message} or {message}", type=first.type))
+    return list(out.values())
 
 
 def _short(value: Any, limit: int = 80) -> str:

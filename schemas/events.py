@@ -32,10 +32,11 @@ Conventions the projector relies on:
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from schemas.redact import redact_credentials
 from schemas.jobs import (
     JOB_ID_PATTERN,
     BucketTrigger,
@@ -77,6 +78,10 @@ def event_source(role: str, host: str) -> str:
 STICKY_FIELDS = ("epoch", "epochs", "step", "mlflow_run_id", "model_version", "model_alias", "model_decision")
 
 
+def _redacted(text: str | None) -> str | None:
+    return None if text is None else redact_credentials(text)
+
+
 class StatusData(BaseModel):
     """The payload of a status event (``data``); see the module docstring for conventions."""
 
@@ -91,7 +96,8 @@ class StatusData(BaseModel):
     epochs: int | None = Field(None, ge=1)
     step: int | None = Field(None, ge=0)
     metrics: Metrics | None = None
-    error: str | None = None
+    # Public (events and job views): whatever raised it, no credential leaves in it.
+    error: Annotated[str | None, AfterValidator(_redacted)] = None
     mlflow_run_id: str | None = None
     model_version: str | None = None
     model_alias: str | None = None

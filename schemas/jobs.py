@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from schemas.redact import redact_credentials
 from schemas.training import ConfigError, TrainConfig
 
 # A job id travels inside AMQP topic routing keys (``job.<id>.<state>``), so no dots, ``*`` or ``#``.
@@ -86,6 +87,10 @@ def _check_location(uri: str) -> str:
     uri = uri.strip()
     if not uri:
         raise ValueError("must not be empty")
+    if redact_credentials(uri) != uri:
+        # A presigned URL or a password would travel in events, views and MLflow params.
+        raise ValueError("holds a credential (a presigned URL's signature or a password): give the "
+                         "s3://bucket/key location; the workers read it with their own credentials")
     scheme, sep, _ = uri.partition("://")
     if not sep:
         return uri  # a local path (embedded mode)
@@ -107,21 +112,26 @@ MAX_DEADLINE_S = 90 * 24 * 3600
 class TrainRequest(BaseModel):
     """What a user asks for: train on this dataset, with these config overrides."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), json_schema_extra={
+        # In the OpenAPI document (GET /openapi.json): a request a client can copy.
+        "examples": [{"dataset_uri": "s3://lake/datasets/levir-cd/", "config": {"epochs": 50, "lr": 0.0005},
+                      "register_model": True, "idempotency_key": "levir-2026-11-27"}],
+    })
 
     dataset_uri: str = Field(
         description="s3://bucket/prefix (a dataset layout) or s3://bucket/key.zip|.tar.gz (one "
         "archive); file:///path or a plain local path in the embedded one-machine mode."
     )
     config_uri: str | None = Field(None, description="A YAML training config (same URI forms).")
-    register_model: bool = False
+    # Strict, as the JSON schema says: 0, "no" or "true" is a client's mistake, not a boolean.
+    register_model: bool = Field(False, strict=True)
     config: dict[str, Any] | None = Field(
         None, description="TrainConfig overrides (only the keys that change), applied over config_uri."
     )
     model_name: str = Field("snunet-cbam", pattern=MODEL_NAME_PATTERN)
     idempotency_key: str | None = Field(None, min_length=1, max_length=256)
     deadline_s: int | None = Field(
-        None, ge=60, le=MAX_DEADLINE_S,
+        None, ge=60, le=MAX_DEADLINE_S, strict=True,  # "3600" (or 3600.0) is refused, not coerced
         description="Seconds from submission after which the job is ended FAILED wherever it is "
         "(queued or training), its worker told to stop. Default: the server's CDTRAIN_JOB_DEADLINE_S "
         "(7 days). At most 90 days.",

@@ -14,11 +14,17 @@ import yaml
 from schemas.training import ConfigError, TrainConfig
 
 
-def parse_yaml_mapping(text: str, origin: str) -> dict[str, Any]:
+def parse_yaml_mapping(text: str, origin: str, *, echo: bool = True) -> dict[str, Any]:
+    """``echo`` off: a YAML error names the line and column only, never the text there (the
+    file may be anything a job pointed at, and the error is public)."""
     try:
         values = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
+        if echo:
+            raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{origin} is not valid YAML{where}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

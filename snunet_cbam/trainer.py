@@ -25,7 +25,7 @@ from schemas.training import TrainConfig
 
 from .checkpoint import build_model, eval_weights, load_checkpoint, save_checkpoint
 from .data.augment import AugmentParams, PairedAugmentation
-from .data.check import DatasetReport, InvalidDatasetError, check_pairs
+from .data.check import DEFAULT_MAX_IMAGE_PIXELS, DatasetReport, InvalidDatasetError, check_pairs
 from .data.dataset import (
     EpochShuffleSampler,
     EvalPairDataset,
@@ -84,13 +84,16 @@ class CheckedSplits:
         return self.reports[role].valid if role in self.reports else []
 
 
-def check_dataset(config: TrainConfig, data_root: Path | str) -> CheckedSplits:
-    """Check every split the run will use; raise with the full report unless ``skip_invalid``."""
+def check_dataset(config: TrainConfig, data_root: Path | str, *,
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> CheckedSplits:
+    """Check every split the run will use; raise with the full report unless ``skip_invalid``
+    (an image over ``max_image_pixels`` raises regardless: see data/check.py)."""
     data_root = Path(data_root)
     roles = {"train": config.train_split, "val": config.val_split}
     if config.test_split and has_split(data_root, config.test_split):
         roles["test"] = config.test_split
-    reports = {role: check_pairs(list_split(data_root, split), split, label_threshold=config.label_threshold)
+    reports = {role: check_pairs(list_split(data_root, split), split, label_threshold=config.label_threshold,
+                                 max_image_pixels=max_image_pixels)
                for role, split in roles.items()}
     bad = [r for r in reports.values() if not r.ok]
     if bad and not config.skip_invalid:
@@ -242,10 +245,12 @@ class _StopCondition:
 class Trainer:
     def __init__(self, config: TrainConfig, data_root: Path | str, out_dir: Path | str,
                  hooks: list[TrainerHooks] | None = None, cancel: CancelToken | None = None,
-                 checkpoint_every_s: float | None = None) -> None:
+                 checkpoint_every_s: float | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         """``checkpoint_every_s``: also write ``last.pt`` inside an epoch, at the first step boundary
         that many seconds after the last checkpoint, so that a killed run loses at most about that
-        much training (None: at epoch ends and on a stop only)."""
+        much training (None: at epoch ends and on a stop only). ``max_image_pixels``: the dataset
+        check's limit on one image (the machine's setting, not a config key: a job must not raise it)."""
         if checkpoint_every_s is not None and checkpoint_every_s < 0:
             raise ValueError(f"checkpoint_every_s must be >= 0, got {checkpoint_every_s}")
         self.config = config
@@ -254,6 +259,7 @@ class Trainer:
         self.hooks = HookList(hooks)
         self.cancel = cancel
         self.checkpoint_every_s = checkpoint_every_s
+        self.max_image_pixels = max_image_pixels
         self.best_path = self.out_dir / BEST_CHECKPOINT
         self.last_path = self.out_dir / LAST_CHECKPOINT
         self.metrics_path = self.out_dir / METRICS_FILE
@@ -293,7 +299,7 @@ class Trainer:
     # --- set-up ---------------------------------------------------------------------------------
     def _set_up(self) -> _Run:
         cfg = self.config
-        splits = check_dataset(cfg, self.data_root)
+        splits = check_dataset(cfg, self.data_root, max_image_pixels=self.max_image_pixels)
         device = select_device(cfg.device)
         precision = Precision.choose(device, cfg.amp)
         seed_everything(cfg.seed)

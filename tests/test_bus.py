@@ -313,6 +313,29 @@ async def test_status_topic_routing_and_order(bus: MessageBus) -> None:
     assert only_a == [(e, _key(e)) for e in events if e.job_id == "A"]
 
 
+async def test_publishes_started_in_order_are_routed_in_order_when_awaited_together(bus: MessageBus) -> None:
+    """What the ingress relies on to confirm QUEUED and the request together: 50 pairs, each
+    started back to back with asyncio.gather and all in flight at once, seen pair-wise in order.
+    The first of each pair is the larger message, so it is also the slower one to encode and send."""
+    seen: list[tuple[str, str]] = []
+
+    async def on_all(event: Event, delivery: Delivery) -> None:
+        seen.append((event.job_id, event.state))
+
+    async def pair(job: str) -> None:
+        await asyncio.gather(bus.publish_status(Event(job_id=job, state="queued" + " " * 20_000, seq=0),
+                                                f"job.{job}.queued"),
+                             bus.publish_status(Event(job_id=job, state="starting", seq=1), f"job.{job}.starting"))
+
+    jobs = [f"pair{i}" for i in range(50)]
+    async with await bus.subscribe_status(ALL_JOBS, on_all):
+        await within(asyncio.gather(*(pair(job) for job in jobs)))
+        await eventually(lambda: _true(len(seen) == 2 * len(jobs)))
+    assert len(seen) == 2 * len(jobs)
+    for job in jobs:
+        assert [state.strip() for j, state in seen if j == job] == ["queued", "starting"], job
+
+
 async def _true(value: bool) -> bool:
     return value
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from consumer.dataset_fetch import DatasetFetchError, FetchedDataset, fetch_config, fetch_dataset
+from consumer.limits import DatasetLimits
 from infra.objects import LocalObjectStore, ObjectInfo, ObjectStore, S3ObjectStore, locate_object
 
 # A tiny tiled layout: A/ B/ label/ list/, as the dataset readers expect.
@@ -328,22 +329,118 @@ async def test_malicious_archives_are_rejected(
 
 
 async def test_archive_size_and_member_caps(object_store: ObjectStore, store_bucket: str, tmp_path: Path) -> None:
-    # 2 MB of zeros compresses to a few KB: a small zip bomb.
+    # 2 MB of zeros compresses to a few KB: a small zip bomb. The zip's central directory
+    # declares the size, so it is refused before anything is written; the tar is counted as it streams.
     await object_store.put_bytes(store_bucket, "bomb.zip", make_zip({"d/zeros.bin": bytes(2_000_000)}))
-    with pytest.raises(DatasetFetchError, match=r"expands to more than 100000 bytes \(limit max_extracted_bytes\)"):
-        await fetch_dataset(object_store, f"s3://{store_bucket}/bomb.zip", tmp_path / "c", max_extracted_bytes=100_000)
+    with pytest.raises(DatasetFetchError) as caught:
+        await fetch_dataset(object_store, f"s3://{store_bucket}/bomb.zip", tmp_path / "c",
+                            limits=DatasetLimits(max_extracted_bytes=100_000))
+    assert str(caught.value) == (
+        f"archive s3://{store_bucket}/bomb.zip expands to 2,000,000 bytes (1.9 MiB), over the limit of "
+        "100,000 bytes (97.7 KiB) (CDTRAIN_MAX_EXTRACTED_BYTES on the workers); it may be a zip bomb; if the "
+        "dataset really is that large, raise the limit")
     tar = make_tar([("d/zeros.bin", bytes(2_000_000))])
     await object_store.put_bytes(store_bucket, "bomb.tar.gz", tar)
-    with pytest.raises(DatasetFetchError, match="expands to more than 100000 bytes"):
-        await fetch_dataset(object_store, f"s3://{store_bucket}/bomb.tar.gz", tmp_path / "c", max_extracted_bytes=100_000)
+    with pytest.raises(DatasetFetchError, match=r"expands to at least 2,000,000 bytes .*, over the limit of "
+                                                r"100,000 bytes .*\(CDTRAIN_MAX_EXTRACTED_BYTES on the workers\)"):
+        await fetch_dataset(object_store, f"s3://{store_bucket}/bomb.tar.gz", tmp_path / "c",
+                            limits=DatasetLimits(max_extracted_bytes=100_000))
 
     # Many tiny members exhaust inodes rather than bytes.
     await object_store.put_bytes(store_bucket, "many.zip", make_zip({f"f{i}": b"x" for i in range(5)}))
     await object_store.put_bytes(store_bucket, "many.tgz", make_tar([(f"f{i}", b"x") for i in range(5)]))
-    for name in ("many.zip", "many.tgz"):
-        with pytest.raises(DatasetFetchError, match=r"more than 3 members \(limit max_archive_members\)"):
-            await fetch_dataset(object_store, f"s3://{store_bucket}/{name}", tmp_path / "c", max_archive_members=3)
+    for name, counted in (("many.zip", "5 members"), ("many.tgz", "at least 4 members")):
+        with pytest.raises(DatasetFetchError) as caught:
+            await fetch_dataset(object_store, f"s3://{store_bucket}/{name}", tmp_path / "c",
+                                limits=DatasetLimits(max_archive_members=3))
+        assert str(caught.value) == (f"archive s3://{store_bucket}/{name} has {counted}, over the limit of 3 "
+                                     "(CDTRAIN_MAX_ARCHIVE_MEMBERS on the workers); split it or raise the limit")
     assert_cache_clean(tmp_path / "c", 0)
+
+    # Exactly at a limit is within it.
+    exact = DatasetLimits(max_extracted_bytes=2_000_000, max_archive_members=5)
+    for name in ("bomb.zip", "bomb.tar.gz", "many.zip", "many.tgz"):
+        fetched = await fetch_dataset(object_store, f"s3://{store_bucket}/{name}", tmp_path / "c", limits=exact)
+        assert not fetched.from_cache
+    assert_cache_clean(tmp_path / "c", 4)
+
+
+# --- limits checked before the download ------------------------------------------------------
+
+
+async def test_a_prefix_over_the_object_or_byte_limit_is_refused_from_its_listing(
+    object_store: ObjectStore, store_bucket: str, tmp_path: Path
+) -> None:
+    await put_tree(object_store, store_bucket, "ds/", TREE)
+    uri, cache = f"s3://{store_bucket}/ds/", tmp_path / "cache"
+    total = sum(map(len, TREE.values()))
+
+    counting = CountingStore(object_store)
+    with pytest.raises(DatasetFetchError) as caught:
+        await fetch_dataset(counting, uri, cache, limits=DatasetLimits(max_dataset_objects=len(TREE) - 1))
+    assert str(caught.value) == (
+        f"dataset {uri} holds {len(TREE)} objects, over the limit of {len(TREE) - 1} "
+        "(CDTRAIN_MAX_DATASET_OBJECTS on the workers); split the dataset or raise the limit")
+    with pytest.raises(DatasetFetchError) as caught:
+        await fetch_dataset(counting, uri, cache, limits=DatasetLimits(max_dataset_bytes=total - 1))
+    assert str(caught.value) == (
+        f"dataset {uri} holds {total} bytes, over the limit of {total - 1} bytes "
+        "(CDTRAIN_MAX_DATASET_BYTES on the workers); split the dataset or raise the limit")
+    assert counting.gets == 0  # refused from the listing: nothing was downloaded
+    assert_cache_clean(cache, 0)
+
+    exact = DatasetLimits(max_dataset_objects=len(TREE), max_dataset_bytes=total)
+    fetched = await fetch_dataset(object_store, uri, cache, limits=exact)
+    assert read_tree(fetched.path) == TREE
+    assert_cache_clean(cache, 1)
+
+
+async def test_an_archive_over_the_size_limit_is_refused_from_its_head(
+    object_store: ObjectStore, store_bucket: str, tmp_path: Path
+) -> None:
+    archive = make_zip({f"levir/{rel}": data for rel, data in TREE.items()})
+    await object_store.put_bytes(store_bucket, "levir.zip", archive)
+    uri, cache = f"s3://{store_bucket}/levir.zip", tmp_path / "cache"
+
+    counting = CountingStore(object_store)
+    with pytest.raises(DatasetFetchError) as caught:
+        await fetch_dataset(counting, uri, cache, limits=DatasetLimits(max_archive_bytes=len(archive) - 1))
+    assert str(caught.value) == (
+        f"archive {uri} is {len(archive)} bytes, over the limit of {len(archive) - 1} bytes "
+        "(CDTRAIN_MAX_ARCHIVE_BYTES on the workers); split the dataset or raise the limit")
+    assert counting.gets == 0
+    assert_cache_clean(cache, 0)
+
+    fetched = await fetch_dataset(object_store, uri, cache, limits=DatasetLimits(max_archive_bytes=len(archive)))
+    assert read_tree(fetched.path) == TREE
+
+
+class GrowingStore(CountingStore):
+    """Replaces the object with a bigger one between its HEAD and its GET (a concurrent upload)."""
+
+    def __init__(self, inner: ObjectStore, replacement: bytes) -> None:
+        super().__init__(inner)
+        self.replacement = replacement
+
+    async def download_file(self, bucket: str, key: str, dest_path: Path) -> ObjectInfo:
+        await self.inner.put_bytes(bucket, key, self.replacement)
+        return await super().download_file(bucket, key, dest_path)
+
+
+async def test_an_archive_that_grew_past_the_limit_after_its_head_is_refused_on_arrival(
+    object_store: ObjectStore, store_bucket: str, tmp_path: Path
+) -> None:
+    small = make_zip({"A/x.png": b"x"})
+    big = make_zip({"A/x.png": bytes(range(256)) * 64})
+    assert len(big) > len(small)
+    await object_store.put_bytes(store_bucket, "grows.zip", small)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetFetchError) as caught:
+        await fetch_dataset(GrowingStore(object_store, big), f"s3://{store_bucket}/grows.zip", cache,
+                            limits=DatasetLimits(max_archive_bytes=len(small)))
+    assert str(caught.value).startswith(f"archive s3://{store_bucket}/grows.zip arrived as {len(big):,} bytes")
+    assert f"over the limit of {len(small)} bytes (CDTRAIN_MAX_ARCHIVE_BYTES on the workers)" in str(caught.value)
+    assert_cache_clean(cache, 0)
 
 
 async def test_missing_corrupt_and_empty_archives(object_store: ObjectStore, store_bucket: str, tmp_path: Path) -> None:
@@ -371,8 +468,13 @@ async def test_fetch_config(object_store: ObjectStore, store_bucket: str) -> Non
     with pytest.raises(DatasetFetchError) as caught:
         await fetch_config(object_store, f"s3://{store_bucket}/configs/missing.yaml")
     assert str(caught.value) == f"no config at s3://{store_bucket}/configs/missing.yaml — check config_uri"
-    with pytest.raises(DatasetFetchError, match="over the 10-byte limit"):
+    with pytest.raises(DatasetFetchError) as caught:
         await fetch_config(object_store, f"s3://{store_bucket}/configs/run.yaml", max_bytes=10)
+    assert str(caught.value) == (
+        f"config s3://{store_bucket}/configs/run.yaml is {len(yaml_text) + 3} bytes, over the limit of 10 bytes "
+        "(CDTRAIN_MAX_CONFIG_BYTES on the workers); is config_uri pointing at the right file?")
+    assert await fetch_config(object_store, f"s3://{store_bucket}/configs/run.yaml",
+                              max_bytes=len(yaml_text) + 3) == yaml_text  # exactly at the limit
     with pytest.raises(DatasetFetchError, match="names a prefix, not a file"):
         await fetch_config(object_store, f"s3://{store_bucket}/configs/")
     await object_store.put_bytes(store_bucket, "configs/bin.yaml", b"\xff\xfe\x00")

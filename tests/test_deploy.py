@@ -60,6 +60,10 @@ NON_INGRESS_CDTRAIN_VARS = {
     "CDTRAIN_JOB_DEADLINE_S",     # watchdog: default deadline of a job (train request: deadline_s)
     "CDTRAIN_WORKER_CONFIG",      # YAML overrides applied to every job on a worker
     "CDTRAIN_ALLOW_LOCAL_PATHS",  # let jobs read file:// datasets
+    # a worker's limits on a job's dataset and config, and its dataset cache's bound (consumer/limits.py)
+    "CDTRAIN_MAX_ARCHIVE_BYTES", "CDTRAIN_MAX_EXTRACTED_BYTES", "CDTRAIN_MAX_ARCHIVE_MEMBERS",
+    "CDTRAIN_MAX_DATASET_BYTES", "CDTRAIN_MAX_DATASET_OBJECTS", "CDTRAIN_MAX_CONFIG_BYTES",
+    "CDTRAIN_MAX_IMAGE_PIXELS", "CDTRAIN_CACHE_MAX_BYTES",
     "CDTRAIN_S3_ENDPOINT_URL",    # S3/MinIO endpoint
     "CDTRAIN_S3_ADDRESSING_STYLE",  # path / virtual / auto
 }

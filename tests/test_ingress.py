@@ -215,7 +215,8 @@ async def test_post_is_confirmed_published_and_projected(
     view = await (await client.get(f"/train/{job_id}")).json()
     assert view["state"] == "queued" and view["last_sequence"] == 0 and view["source"] == "api"
     assert view["request"]["config"] == {"epochs": 3, "lr": 0.0005}
-    assert view["accepted_attempt"] == 0  # the request's confirm is recorded (rule 11)
+    # The request's confirm is recorded (rule 11), just after the 202.
+    assert await eventually(lambda: accepted_attempt_of(view_store, job_id, 0)), "the confirm was never recorded"
     assert projector.ignored == 1  # the ingress created the view: the bus copy changes nothing
 
 
@@ -322,20 +323,50 @@ async def test_request_not_confirmed_is_recorded_and_a_retry_runs_it(bus: Messag
 
 async def test_queued_event_not_confirmed_is_503_and_nothing_is_accepted(bus: MessageBus, view_store: JobViewStore,
                                                                          serve: Serve) -> None:
-    """QUEUED goes before the request, so a broker that cannot confirm it has no request; the
-    view says "not accepted", and a retry with the same key is the job's next attempt."""
+    """The request goes out with the QUEUED event (their confirms are awaited together), so a
+    broker that cannot confirm QUEUED may still hold the request: the job is ended "not accepted",
+    and that copy can never run (a worker's claim refuses it). A retry with the same key is the
+    job's next attempt."""
     flaky = FlakyBus(bus, fail_status=1)
     client = await serve(flaky, view_store)
     body = {"dataset_uri": DATASET, "idempotency_key": "retry-me"}
     resp = await client.post("/train", json=body)
-    assert resp.status == 503 and await bus.request_backlog() == 0
+    assert resp.status == 503 and await bus.request_backlog() == 1
     [view] = (await view_store.list())[0]
     assert view.state is JobState.FAILED and view.error.startswith("not accepted")
+    assert not await view_store.claim(event(view.job_id, 1, "starting"))  # the copy in the queue
     again = await client.post("/train", json=body)
     assert again.status == 202 and (await again.json())["job_id"] == view.job_id
-    assert await bus.request_backlog() == 1
+    assert await bus.request_backlog() == 2
     view = await view_store.get(view.job_id)
-    assert view.state is JobState.QUEUED and view.last_sequence == ATTEMPT_STRIDE and view.accepted_attempt == 1
+    assert view.state is JobState.QUEUED and view.last_sequence == ATTEMPT_STRIDE
+    assert not await view_store.claim(event(view.job_id, 1, "starting"))  # still refused: attempt 0
+    assert await eventually(lambda: accepted_attempt_of(view_store, view.job_id, 1)), "the confirm was never recorded"
+
+
+@pytest.mark.parametrize("which", ["request", "status"])
+async def test_a_failed_confirm_under_concurrent_posts_fails_only_that_job(
+        which: str, bus: MessageBus, view_store: JobViewStore, serve: Serve) -> None:
+    """One of 20 concurrent submissions loses one of its two confirms: that job, and only it,
+    is ended FAILED "not accepted" (503); the others are accepted, their confirms recorded."""
+    flaky = FlakyBus(bus, **{"request": {"fail_requests": 1}, "status": {"fail_status": 1}}[which])
+    client = await serve(flaky, view_store)
+
+    async def post() -> tuple[int, dict[str, Any]]:
+        resp = await client.post("/train", json={"dataset_uri": DATASET})
+        return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(post() for _ in range(20)))
+    assert sorted(status for status, _ in answers) == [202] * 19 + [503]
+    accepted = {body["job_id"] for status, body in answers if status == 202}
+    views = {v.job_id: v for v in (await view_store.list(limit=50))[0]}
+    assert len(views) == 20 and accepted < set(views)
+    [failed] = set(views) - accepted
+    assert views[failed].state is JobState.FAILED and views[failed].error.startswith(NOT_ACCEPTED)
+    assert all(views[job_id].state is JobState.QUEUED for job_id in accepted)
+    for job_id in accepted:
+        assert await eventually(lambda: accepted_attempt_of(view_store, job_id, 0)), job_id
+    assert (await view_store.get(failed)).accepted_attempt is None
 
 
 async def test_a_subscriber_sees_queued_before_the_workers_events(bus_factory: BusFactory,
@@ -361,6 +392,54 @@ async def test_a_subscriber_sees_queued_before_the_workers_events(bus_factory: B
         await asyncio.sleep(0.05)
     for job_id in ids:
         assert [ev.state for ev in seen if ev.job_id == job_id] == [JobState.QUEUED, JobState.STARTING]
+
+
+async def test_every_job_is_queued_for_subscribers_before_a_worker_gets_it_under_concurrent_posts(
+        bus_factory: BusFactory, view_store: JobViewStore, serve: Serve) -> None:
+    """50 concurrent POSTs, each publishing QUEUED and the request back to back: a worker that
+    answers every request at once with an event still comes after that job's QUEUED, for a
+    subscriber bound before the load. The worker also notes, on each request, whether the
+    subscriber had that job's QUEUED already (reported: RabbitMQ routes QUEUED first, but
+    delivers the two to different consumers independently)."""
+    ingress_bus, worker_bus, watcher = await bus_factory(), await bus_factory(), await bus_factory()
+    seen: list[StatusEvent] = []
+    requests: list[str] = []
+    queued_already = 0
+
+    async def on_event(ev: StatusEvent, delivery: Delivery) -> None:
+        seen.append(ev)
+
+    async def eager_worker(job: TrainJob, delivery: Delivery) -> None:
+        nonlocal queued_already
+        requests.append(job.job_id)
+        queued_already += any(ev.job_id == job.job_id and ev.state is JobState.QUEUED for ev in seen)
+        event = StatusEvent.for_job(job.job_id, 1, JobState.STARTING, source="/test/worker")
+        await worker_bus.publish_status(event, event.routing_key)
+
+    await watcher.subscribe_status("job.#", on_event, model=StatusEvent)
+    await worker_bus.consume_requests(eager_worker, model=TrainJob, prefetch=50)
+    client = await serve(ingress_bus, view_store)
+
+    async def post() -> str:
+        resp = await client.post("/train", json={"dataset_uri": DATASET})
+        assert resp.status == 202, await resp.text()
+        return (await resp.json())["job_id"]
+
+    ids = await asyncio.gather(*(post() for _ in range(50)))
+    assert await eventually(lambda: _true(len(seen) == 100)), f"{len(seen)} of 100 events"
+    assert sorted(requests) == sorted(ids)  # every request reached the worker, once
+    for job_id in ids:
+        assert [ev.state for ev in seen if ev.job_id == job_id] == [JobState.QUEUED, JobState.STARTING], job_id
+    print(f"\nthe subscriber had QUEUED already for {queued_already} of 50 requests when the worker got them")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def accepted_attempt_of(view_store: JobViewStore, job_id: str, attempt: int) -> bool:
+    view = await view_store.get(job_id)
+    return view is not None and view.accepted_attempt == attempt
 
 
 async def test_view_store_down_is_503_and_not_ready(bus: MessageBus, serve: Serve) -> None:
@@ -634,11 +713,11 @@ def test_settings_from_env() -> None:
         "CDTRAIN_MONGODB_URL": "mongodb://mongo:27017/cdtrain", "CDTRAIN_TRIGGER_PREFIX": "incoming/",
         "CDTRAIN_TRIGGER_BUCKETS": "a-bucket, b-bucket", "CDTRAIN_SQS_QUEUE_URL": "https://sqs/q",
         "CDTRAIN_SQS_WAIT_S": "5", "CDTRAIN_S3_ENDPOINT_URL": "http://minio:9000", "CDTRAIN_BUCKET_EVENTS_AMQP_URL": "amqp://x/",
-        "HOSTNAME": "api-0", "UNRELATED": "ignored", "CDTRAIN_WEBHOOK_TOKEN": "",
+        "HOSTNAME": "api-0", "UNRELATED": "ignored", "CDTRAIN_MONGODB_DATABASE": "",
     }
     s = IngressSettings.from_env(env)
     assert s.port == 9000 and s.api_token is not None and s.api_token.get_secret_value() == "abc"
-    assert s.webhook_token is None  # empty means unset
+    assert s.webhook_token is None and s.view_store_database is None  # empty means unset (tokens excepted)
     assert s.bus.url == "amqp://u:p@rabbit:5672/" and s.view_store_url.startswith("mongodb://")
     assert s.trigger.prefix == "incoming/" and s.trigger.buckets == {"a-bucket", "b-bucket"}
     assert s.sqs is not None and s.sqs.wait_time_s == 5 and s.s3.endpoint_url == "http://minio:9000"

@@ -86,24 +86,32 @@ async def test_two_ingress_processes_start_one_job_per_object(
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "CDTRAIN_API_TOKEN": TOKEN, "CDTRAIN_WEBHOOK_TOKEN": TOKEN, "CDTRAIN_SQS_QUEUE_URL": queue_url,
            "CDTRAIN_SQS_ENDPOINT_URL": s3_settings.endpoint_url, "CDTRAIN_SQS_REGION": "us-east-1",
-           "CDTRAIN_SQS_WAIT_S": "1"}
-    replicas = [await start_ingress(env, tmp_path / f"ingress-{i}.log") for i in range(2)]
+           "CDTRAIN_SQS_WAIT_S": "1", "CDTRAIN_ALLOWED_URIS": f"s3://{s3_bucket}/datasets/"}
     bus = RabbitBus(BusSettings(url=amqp_url, **TEST_SETTINGS), topology)
     await bus.connect()
+    replicas: list[tuple[subprocess.Popen[bytes], str]] = []
     try:
         # A slow SQS batch redelivered: every notification is in the queue twice.
         keys = [f"datasets/set-{i:02d}/_READY" for i in range(OBJECTS)]
         etags = {}
         for key in keys:
             etags[key] = (await s3.put_object(Bucket=s3_bucket, Key=key, Body=b""))["ETag"].strip('"')
-        copies = 0
-        while copies < OBJECTS:
+        copied: set[str] = set()  # bodies: a copy reads back like its original, and is not copied again
+        held: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(copied) < OBJECTS:
+            assert time.monotonic() < deadline, f"only {len(copied)} of {OBJECTS} notifications reached SQS"
             got = await sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
             for message in got.get("Messages", []):
-                await sqs.send_message(QueueUrl=queue_url, MessageBody=message["Body"])
-                await sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"],
-                                                    VisibilityTimeout=0)
-                copies += 1
+                if message["Body"] not in copied:
+                    await sqs.send_message(QueueUrl=queue_url, MessageBody=message["Body"])
+                    copied.add(message["Body"])
+                held.append(message["ReceiptHandle"])  # in flight until all are copied
+        for handle in held:
+            await sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)
+        # The replicas start once every notification is in the queue twice: their pollers would
+        # otherwise take some first, and the copies could never all be made.
+        replicas += [await start_ingress(env, tmp_path / f"ingress-{i}.log") for i in range(2)]
         # ...while the webhook brings the same objects to both processes at once.
         async with aiohttp.ClientSession() as http:
             async def post(url: str, key: str) -> str:

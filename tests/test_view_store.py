@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -11,6 +13,8 @@ import pytest
 from pymongo.errors import DuplicateKeyError
 
 from infra.views import InMemoryJobViewStore, InvalidCursor, JobViewStore, MongoJobViewStore, Projector, open_view_store
+from infra.views.list_order import LIST_KEY, encode_cursor, list_key
+from infra.views.merge import encode_cursor as encode_pair_cursor
 from schemas import JobPhase, JobState, StatusEvent, TrainJob, TrainRequest, event_source
 
 WORKER = event_source("worker", "gpu-0")
@@ -340,6 +344,86 @@ async def test_list_empty_and_bad_arguments(view_store: JobViewStore) -> None:
         await view_store.list(state="paused")
 
 
+async def _seed_ties(store: JobViewStore) -> list[tuple[str, str]]:
+    """36 jobs in groups of three that share a submitted_at, groups 250 ms apart (four in one
+    second), ids not in time order, states mixed. ``(job_id, state)`` newest first."""
+    jobs = []
+    for i in range(36):
+        job_id = f"job-{(i * 17) % 36:02d}"
+        at = T0 + timedelta(milliseconds=250 * (i // 3))
+        await store.apply(queued(job_id, at=at))
+        state = ("failed", "running", "queued", "queued")[i % 4]
+        if state != "queued":
+            await store.apply(StatusEvent.for_job(job_id, 1, state, source=WORKER, time=at + timedelta(seconds=5)))
+        jobs.append((at, job_id, state))
+    return [(job_id, state) for _, job_id, state in sorted(jobs, reverse=True)]
+
+
+async def _every_page(store: JobViewStore, limit: int, state: str | None = None) -> list[tuple[list[str], str | None]]:
+    pages, cursor = [], None
+    while len(pages) < 100:
+        page, cursor = await store.list(limit=limit, cursor=cursor, state=state)
+        pages.append(([v.job_id for v in page], cursor))
+        if cursor is None:
+            break
+    return pages
+
+
+@pytest.mark.parametrize(("state", "limit"), [(None, 5), (None, 1), ("failed", 2), ("queued", 4)])
+async def test_cursors_give_every_view_once_in_order(view_store: JobViewStore, state: str | None, limit: int) -> None:
+    expected = [job_id for job_id, s in await _seed_ties(view_store) if state is None or s == state]
+    pages = await _every_page(view_store, limit, state)
+    seen = [job_id for ids, _ in pages for job_id in ids]
+    assert seen == expected  # each exactly once, newest first, ties by job id descending
+    assert all(len(ids) == limit for ids, _ in pages[:-1]) and 0 < len(pages[-1][0]) <= limit
+
+
+async def test_both_backends_give_the_same_pages_and_cursors(mongo_view_store: MongoJobViewStore) -> None:
+    memory = InMemoryJobViewStore()
+    await _seed_ties(memory)
+    await _seed_ties(mongo_view_store)
+    for limit, state in [(7, None), (3, "running")]:
+        assert await _every_page(mongo_view_store, limit, state) == await _every_page(memory, limit, state)
+
+
+async def test_a_late_queued_moves_the_job_to_its_place_in_the_list(view_store: JobViewStore) -> None:
+    # Created from its STARTING event, the view stands at that event's time until the QUEUED
+    # event, projected late, brings the real submitted_at: the list position follows.
+    await view_store.apply(queued("first", at=T0 + timedelta(seconds=1)))
+    await view_store.apply(queued("third", at=T0 + timedelta(seconds=3)))
+    assert await view_store.claim(StatusEvent.for_job("second", 1, "starting", source=WORKER,
+                                                      time=T0 + timedelta(seconds=10)))
+    assert [ids for ids, _ in await _every_page(view_store, 1)] == [["second"], ["third"], ["first"]]
+    assert not await view_store.apply(queued("second", at=T0 + timedelta(seconds=2)))
+    assert [ids for ids, _ in await _every_page(view_store, 1)] == [["third"], ["second"], ["first"]]
+    page, _ = await view_store.list(limit=1, cursor=encode_cursor(list_key(T0 + timedelta(seconds=3), "third")))
+    assert [v.job_id for v in page] == ["second"]
+
+
+async def test_cursors_of_the_earlier_form_still_work(view_store: JobViewStore) -> None:
+    expected = [job_id for job_id, _ in await _seed_ties(view_store)]
+    first, cursor = await view_store.list(limit=5)
+    old_form = encode_pair_cursor(first[-1].submitted_at, first[-1].job_id)  # {"t": …, "j": …}
+    assert old_form != cursor
+    assert await view_store.list(limit=5, cursor=old_form) == await view_store.list(limit=5, cursor=cursor)
+    assert [v.job_id for v in (await view_store.list(limit=5, cursor=old_form))[0]] == expected[5:10]
+
+
+def _b64(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [
+    "not-a-cursor", "!!", _b64({"k": "2025-03-01T12:00:00.000Z|job-1"}), _b64({"k": "20250301T120000.000Z"}),
+    _b64({"k": 5}), _b64({"t": "yesterday", "j": "job-1"}), _b64({"t": "2025-03-01T12:00:00", "j": "job-1"}),
+    _b64(["k"]),
+])
+async def test_a_cursor_it_did_not_produce_is_refused(view_store: JobViewStore, cursor: str) -> None:
+    await _seed_ties(view_store)
+    with pytest.raises(InvalidCursor, match="invalid cursor"):
+        await view_store.list(cursor=cursor)
+
+
 # --- idempotency ---------------------------------------------------------------------------------------------
 
 
@@ -383,9 +467,107 @@ async def test_mongo_ensure_indexes_is_idempotent_and_covers_queries(mongo_view_
     await mongo_view_store.ensure_indexes()
     # Compare key fields only: nx-27017 names (and reports directions of) indexes its own way.
     keys = [list(ix["key"].keys()) async for ix in await mongo_view_store.collection.list_indexes()]
-    assert ["submitted_at", "job_id"] in keys
-    assert ["state", "submitted_at", "job_id"] in keys
+    assert [LIST_KEY] in keys
+    assert ["state", LIST_KEY] in keys
     assert ["request.idempotency_key"] in keys
+
+
+async def test_mongo_views_written_without_the_list_key_list_after_ensure_indexes(
+    mongo_view_store: MongoJobViewStore,
+) -> None:
+    """Views from before the list key existed: the same documents, without the field."""
+    seeded = await _seed_ties(mongo_view_store)
+    expected = [job_id for job_id, _ in seeded]
+    collection = mongo_view_store.collection
+    docs = await collection.find({}).to_list()
+    await collection.delete_many({})
+    # Every other view the old way; the rest as this release writes them.
+    await collection.insert_many([{k: v for k, v in d.items() if k != LIST_KEY or i % 2} for i, d in enumerate(docs)])
+    assert await collection.count_documents({LIST_KEY: {"$exists": False}}) == 18
+    assert [j for ids, _ in await _every_page(mongo_view_store, 5) for j in ids] != expected  # what it fixes
+
+    await mongo_view_store.ensure_indexes()
+    assert await collection.count_documents({LIST_KEY: {"$exists": False}}) == 0
+    assert [j for ids, _ in await _every_page(mongo_view_store, 5) for j in ids] == expected
+    failed = [j for ids, _ in await _every_page(mongo_view_store, 2, "failed") for j in ids]
+    assert failed == [job_id for job_id, state in seeded if state == "failed"]
+    # The backfilled keys are the ones this release writes; a second run changes nothing.
+    keys = {d["_id"]: d[LIST_KEY] async for d in collection.find({}, {LIST_KEY: 1})}
+    assert keys == {d["_id"]: d[LIST_KEY] for d in docs}
+    await mongo_view_store.ensure_indexes()
+    assert {d["_id"]: d[LIST_KEY] async for d in collection.find({}, {LIST_KEY: 1})} == keys
+
+
+class _RecordsFinds:
+    """A real collection that records the filter, sort and limit of each find."""
+
+    def __init__(self, collection) -> None:
+        self._collection = collection
+        self.finds: list[dict] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._collection, name)
+
+    def find(self, filter=None, *args, **kwargs):
+        record = {"filter": filter}
+        self.finds.append(record)
+        return _RecordedCursor(self._collection.find(filter, *args, **kwargs), record)
+
+
+class _RecordedCursor:
+    def __init__(self, cursor, record: dict) -> None:
+        self._cursor, self._record = cursor, record
+
+    def sort(self, spec):
+        self._record["sort"] = spec
+        self._cursor = self._cursor.sort(spec)
+        return self
+
+    def limit(self, n: int):
+        self._record["limit"] = n
+        self._cursor = self._cursor.limit(n)
+        return self
+
+    async def to_list(self, *args):
+        return await self._cursor.to_list(*args)
+
+
+def _operators(node: object) -> set[str]:
+    if isinstance(node, dict):
+        return {k for k in node if k.startswith("$")} | {op for v in node.values() for op in _operators(v)}
+    if isinstance(node, list):
+        return {op for v in node for op in _operators(v)}
+    return set()
+
+
+def _served_from_the_list_index(explain: dict, collection: str) -> bool:
+    """MongoDB: an IXSCAN of an index on list_key and no COLLSCAN. nx-27017: SQLite's plan rows,
+    a SEARCH using the list_key index and no SCAN of the collection's table."""
+    plan = json.dumps(explain["queryPlanner"]["winningPlan"], default=str)
+    if "IXSCAN" in plan or "COLLSCAN" in plan:
+        return "IXSCAN" in plan and "COLLSCAN" not in plan and LIST_KEY in plan
+    rows = [row.get("detail", "") for row in explain["queryPlanner"]["winningPlan"]]
+    return (any("USING INDEX" in r and LIST_KEY in r for r in rows)
+            and not any(r.split(" ")[:2] == ["SCAN", collection] for r in rows))
+
+
+@pytest.mark.parametrize("state", [None, "failed"])
+async def test_mongo_deep_pages_are_one_indexed_range(mongo_view_store: MongoJobViewStore, state: str | None) -> None:
+    await _seed_ties(mongo_view_store)
+    recording = _RecordsFinds(mongo_view_store.collection)
+    store = MongoJobViewStore(recording)  # type: ignore[arg-type]
+    first, cursor = await store.list(limit=2, state=state)
+    deeper, _ = await store.list(limit=2, cursor=cursor, state=state)
+    assert len(deeper) == 2 and len(recording.finds) == 2
+    deep = recording.finds[-1]
+    # The query shape: one range on the list key (and the state), sorted by that key, no $or.
+    assert _operators(deep["filter"]) == {"$lt"}
+    after = list_key(first[-1].submitted_at, first[-1].job_id)
+    assert deep["filter"] == {LIST_KEY: {"$lt": after}, **({"state": state} if state else {})}
+    assert [(field, direction) for field, direction in deep["sort"]] == [(LIST_KEY, -1)]
+    # And the server serves it from the index (nx-27017 explains its SQLite plan; MongoDB its own).
+    explain = await mongo_view_store.collection.find(deep["filter"]).sort(deep["sort"]).limit(deep["limit"]).explain()
+    assert _served_from_the_list_index(explain, mongo_view_store.collection.name), explain
 
 
 async def test_mongo_two_projector_processes_converge(mongodb_url: str, mongo_view_store: MongoJobViewStore) -> None:

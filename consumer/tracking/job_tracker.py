@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from consumer.worker import RegisteredModel
 from schemas import TrainConfig, TrainJob
+from schemas.redact import redact_credentials
 from snunet_cbam.hooks import TrainResult
 
 from .hooks import MlflowHooks
@@ -109,7 +110,7 @@ class MlflowJobTracker:
     def fail(self, run_id: str, reason: str) -> None:
         self._close_hooks(run_id)
         try:
-            self.client.set_tag(run_id, FAILURE_TAG, reason[:4000])
+            self.client.set_tag(run_id, FAILURE_TAG, redact_credentials(reason)[:4000])
             self.client.set_terminated(run_id, "KILLED" if reason == "cancelled" else "FAILED")
         except Exception:  # noqa: BLE001 - the job's FAILED event matters more than the run's tag
             log.exception("run %s: could not record the failure in MLflow", run_id)

@@ -4,6 +4,11 @@ Delivery semantics, identical for both backends:
 
 * ``publish_*`` returns only once the message is safely queued (RabbitMQ: publisher confirm);
   otherwise it raises :class:`BusUnavailable`.
+* Publishes one bus starts in some order are routed in that order, even when their confirms
+  are awaited together (``asyncio.gather``): a subscriber bound to both sees them in that order.
+  RabbitBus sends them on its one publishing channel in call order and RabbitMQ routes one
+  channel's messages in the order it got them; InProcessBus queues a message before its
+  publish first yields.
 * A handler is ``async def handler(payload: Model, delivery: Delivery) -> None``. The model
   comes from ``model=`` or the handler's first annotation; ``bytes`` gets the raw body.
 * Requests and projector events: at most ``prefetch`` handlers run at once. The delivery is

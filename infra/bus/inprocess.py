@@ -180,6 +180,8 @@ class InProcessBus(MessageBus):
         if self._closed:
             raise BusUnavailable("the in-process bus is closed")
 
+    # The publishes queue their message before any await: publishes started in some order are
+    # queued in that order (MessageBus), however their callers await them.
     async def publish_request(self, payload: BaseModel, *, message_id: str | None = None,
                               headers: Mapping[str, Any] | None = None) -> str:
         self._check_open()

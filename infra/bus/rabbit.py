@@ -151,6 +151,9 @@ class RabbitBus(MessageBus):
                           app_id=self.settings.app_id, type=type(payload).__name__)
         try:
             async with asyncio.timeout(self.settings.publish_timeout):
+                # Nothing above yields while connected, and aiormq writes a channel's frames under
+                # a FIFO lock before awaiting the confirm: concurrent publishes go out in call
+                # order (the ordering MessageBus promises).
                 # mandatory: a message no queue takes is an error, not a silent drop.
                 await self._declared[exchange_name].publish(message, routing_key,
                                                             mandatory=mandatory)

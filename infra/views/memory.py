@@ -16,13 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from infra.views.list_order import decode_cursor, encode_cursor, list_key
 from infra.views.merge import (
     ViewUpdate,
     cancel_fields,
     check_limit,
-    decode_cursor,
     doc_to_view,
-    encode_cursor,
     is_unmoved,
     may_accept,
     may_claim,
@@ -145,15 +144,15 @@ class InMemoryJobViewStore:
         wanted = JobState(state).value if state is not None else None
         after = decode_cursor(cursor) if cursor else None
         with self._lock:
-            docs = [d for d in self._docs.values() if wanted is None or d.get("state") == wanted]
-            docs.sort(key=lambda d: (d["submitted_at"], d["_id"]), reverse=True)
+            # The Mongo store's order and cursors (infra/views/list_order.py), so both backends
+            # give the same pages; the key is computed here rather than stored.
+            keyed = [(list_key(d["submitted_at"], d["_id"]), d) for d in self._docs.values()
+                     if wanted is None or d.get("state") == wanted]
             if after is not None:
-                docs = [d for d in docs if (d["submitted_at"], d["_id"]) < after]
-            page = [doc_to_view(d) for d in docs[: limit + 1]]
-        if len(page) > limit:
-            page = page[:limit]
-            return page, encode_cursor(page[-1].submitted_at, page[-1].job_id)
-        return page, None
+                keyed = [(k, d) for k, d in keyed if k < after]
+            keyed.sort(key=lambda kd: kd[0], reverse=True)  # keys are unique: they end in the job id
+            page = [doc_to_view(d) for _, d in keyed[:limit]]
+        return page, (encode_cursor(keyed[limit - 1][0]) if len(keyed) > limit else None)
 
     async def find_by_idempotency_key(self, key: str) -> JobView | None:
         with self._lock:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
+from infra.views.list_order import LIST_KEY, decode_cursor, encode_cursor, list_key, with_list_key
 from infra.views.merge import (
     ViewUpdate,
     cancel_fields,
@@ -21,9 +22,7 @@ from infra.views.merge import (
     cancel_filter,
     claim_filter,
     check_limit,
-    decode_cursor,
     doc_to_view,
-    encode_cursor,
     plan_update,
 )
 from schemas.events import StatusEvent
@@ -31,9 +30,12 @@ from schemas.jobs import JobState, JobView
 
 DEFAULT_DATABASE = "cdtrain"
 DEFAULT_COLLECTION = "jobs"
-# Newest first, ties broken by job id. The tie-breaker is the ``job_id`` field, a copy of
-# ``_id``: nx-27017 cannot build a compound index that includes ``_id``.
+# Newest first, ties broken by job id (the ``job_id`` field, a copy of ``_id``), for the few
+# views one idempotency key finds.
 _NEWEST_FIRST = [("submitted_at", DESCENDING), ("job_id", DESCENDING)]
+# The same order as one field (infra/views/list_order.py): list() pages by a range on it.
+_LIST_ORDER = [(LIST_KEY, DESCENDING)]
+_BACKFILL_BATCH = 1000
 
 
 class MongoJobViewStore:
@@ -133,7 +135,8 @@ class MongoJobViewStore:
     async def _merge_stale(self, plan: ViewUpdate) -> None:
         if plan.submission is not None:
             # {"request": None} matches a missing or null request: fill once, never overwrite.
-            await self._col.update_one({"_id": plan.job_id, "request": None}, {"$set": plan.submission})
+            submission = with_list_key(plan.submission, plan.job_id)
+            await self._col.update_one({"_id": plan.job_id, "request": None}, {"$set": submission})
         if plan.history is not None:
             path = f"history.{plan.history.epoch}"
             await self._col.update_one(
@@ -157,21 +160,20 @@ class MongoJobViewStore:
         self, limit: int = 50, cursor: str | None = None, state: JobState | str | None = None
     ) -> tuple[list[JobView], str | None]:
         check_limit(limit)
-        clauses: list[dict[str, Any]] = []
+        # One range on the list key (plus the state), never an $or: what any MongoDB-protocol
+        # server serves from the (state,) list_key index. An implicit AND, not the explicit $and
+        # of the other filters here: those keep it because nx-27017 drops a field condition that
+        # sits beside an $or over datetimes ({"state": …, "$or": […]} matched other states);
+        # with no $or that cannot happen, and nx-27017 uses the index only for the implicit form.
+        query: dict[str, Any] = {}
         if state is not None:
-            clauses.append({"state": JobState(state).value})
+            query["state"] = JobState(state).value
         if cursor:
-            submitted_at, job_id = decode_cursor(cursor)
-            clauses.append(
-                {"$or": [{"submitted_at": {"$lt": submitted_at}}, {"submitted_at": submitted_at, "job_id": {"$lt": job_id}}]}
-            )
-        # An explicit $and: nx-27017 drops a top-level field condition that sits beside an $or
-        # over datetimes ({"state": …, "$or": […]} matched other states); MongoDB reads both alike.
-        query: dict[str, Any] = {"$and": clauses} if len(clauses) > 1 else (clauses[0] if clauses else {})
+            query[LIST_KEY] = {"$lt": decode_cursor(cursor)}
         # One extra document tells whether another page exists without a count query.
-        docs = await self._col.find(query).sort(_NEWEST_FIRST).limit(limit + 1).to_list()
+        docs = await self._col.find(query).sort(_LIST_ORDER).limit(limit + 1).to_list()
         page = [doc_to_view(d) for d in docs[:limit]]
-        next_cursor = encode_cursor(page[-1].submitted_at, page[-1].job_id) if len(docs) > limit else None
+        next_cursor = encode_cursor(list_key(page[-1].submitted_at, page[-1].job_id)) if len(docs) > limit else None
         return page, next_cursor
 
     async def find_by_idempotency_key(self, key: str) -> JobView | None:
@@ -179,15 +181,42 @@ class MongoJobViewStore:
         return doc_to_view(docs[0]) if docs else None
 
     async def ensure_indexes(self) -> None:
-        """The indexes behind :meth:`list` (with and without a state) and the idempotency lookup.
+        """The indexes behind :meth:`list` (with and without a state) and the idempotency lookup,
+        then the one-time backfill of ``list_key``.
 
         Idempotent. Nothing depends on index names (nx-27017 names them its own way), and the
         idempotency index is not unique: racing submissions share a derived job id instead
-        (:func:`schemas.jobs.new_job_id`).
+        (:func:`schemas.jobs.new_job_id`). Indexes come first so that a caller that stops waiting
+        during a long backfill still has them; the backfill resumes at the next call.
         """
-        await self._col.create_index(_NEWEST_FIRST)
-        await self._col.create_index([("state", ASCENDING), *_NEWEST_FIRST])
+        await self._col.create_index(_LIST_ORDER)
+        await self._col.create_index([("state", ASCENDING), *_LIST_ORDER])
         await self._col.create_index([("request.idempotency_key", ASCENDING)])
+        await self._backfill_list_keys()
+
+    async def _backfill_list_keys(self) -> int:
+        """Give ``list_key`` to views written before it existed; how many got one.
+
+        Views without it sort last on the first page and match no cursor's range, so they would
+        vanish from deeper pages. Every write that sets ``submitted_at`` now sets the key too, so
+        this finds work once per collection (and again only for views that a process of an
+        earlier release wrote meanwhile). Each write is conditional on the ``submitted_at`` it was
+        computed from and on the key still missing, so a concurrent write is never undone.
+        """
+        done = 0
+        ops: list[UpdateOne] = []
+        async for doc in self._col.find({LIST_KEY: {"$exists": False}}, {"submitted_at": 1}):
+            submitted_at = doc.get("submitted_at")
+            if not isinstance(submitted_at, datetime):
+                continue  # not a view this store wrote: it cannot be listed in order either way
+            ops.append(UpdateOne({"_id": doc["_id"], "submitted_at": submitted_at, LIST_KEY: {"$exists": False}},
+                                 {"$set": {LIST_KEY: list_key(submitted_at, doc["_id"])}}))
+            if len(ops) >= _BACKFILL_BATCH:
+                done += (await self._col.bulk_write(ops, ordered=False)).modified_count
+                ops = []
+        if ops:
+            done += (await self._col.bulk_write(ops, ordered=False)).modified_count
+        return done
 
     async def close(self) -> None:
         if self._client is not None:
@@ -202,8 +231,9 @@ def _advance_update(plan: ViewUpdate, *, moved: bool = False) -> dict[str, Any]:
         to_set.update(plan.submission)
     if plan.history is not None:
         to_set[f"history.{plan.history.epoch}"] = plan.history.doc
-    update: dict[str, Any] = {"$set": to_set}
+    # The list key changes in the same write as submitted_at, whichever of the two sets it.
+    update: dict[str, Any] = {"$set": with_list_key(to_set, plan.job_id)}
     on_insert = {k: v for k, v in plan.on_insert.items() if k not in to_set}
     if on_insert:
-        update["$setOnInsert"] = on_insert
+        update["$setOnInsert"] = with_list_key(on_insert, plan.job_id)
     return update

@@ -50,6 +50,9 @@ class JobViewStore(Protocol):
     ) -> tuple[list[JobView], str | None]:
         """Newest first (submitted_at, then job_id); the second item is the next page's cursor.
 
+        Both backends page by the same key (:mod:`infra.views.list_order`), so they give the same
+        pages; cursors of either are opaque strings.
+
         Raises :class:`~infra.views.merge.InvalidCursor` for a cursor it did not produce and
         ValueError for a limit outside 1..1000.
         """

@@ -1,11 +1,13 @@
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from schemas.training import TrainConfig
-from snunet_cbam.data.check import InvalidDatasetError, check_pairs
+from snunet_cbam.data.check import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, InvalidDatasetError, check_pairs
 from snunet_cbam.data.layouts import DatasetLayoutError, detect_layout, list_split
 from snunet_cbam.trainer import check_dataset
 
@@ -71,3 +73,66 @@ def test_published_layout_and_unreadable_files(tmp_path, levir_samples):
 def test_a_directory_without_a_known_layout_is_refused(tmp_path):
     with pytest.raises(DatasetLayoutError, match="neither the tiled layout"):
         detect_layout(tmp_path)
+
+
+# --- the pixel limit --------------------------------------------------------------------------
+
+
+def _png_header(path, width, height, color_type=2):
+    """A PNG whose header claims ``width`` x ``height`` (8-bit RGB, or grey with color_type 0) but
+    holds a few bytes of pixel data: nothing can decode it, so any attempt shows as a reason."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+def _pair(root, split, name, size):
+    for sub, shape in (("A", (size, size, 3)), ("B", (size, size, 3)), ("label", (size, size))):
+        (root / split / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros(shape, np.uint8)).save(root / split / sub / name)
+
+
+def test_an_image_over_the_pixel_limit_refuses_the_dataset_whole_and_one_at_it_passes(tmp_path):
+    root = tmp_path / "levir"
+    for name in ("a.png", "b.png"):
+        _pair(root, "train", name, 32)
+    _pair(root, "train", "big.png", 33)
+    _pair(root, "val", "v.png", 32)
+    with pytest.raises(ImageTooLargeError) as info:
+        check_pairs(list_split(root, "train"), "train", max_image_pixels=32 * 32)
+    message = str(info.value)
+    assert message.startswith("the dataset has images over the limit of 1,024 pixels (CDTRAIN_MAX_IMAGE_PIXELS on "
+                              "the workers)") and "skip_invalid does not skip them" in message
+    assert ("big.png: image A is 33x33 = 1,089 pixels, over the limit of 1,024 pixels (CDTRAIN_MAX_IMAGE_PIXELS); "
+            "image B is 33x33 = 1,089 pixels") in message and "label is 33x33" in message
+    assert [r.oversized for r in info.value.reports] == [["big.png"]]
+    assert "a.png" not in message  # the pairs at the limit are fine
+
+    # skip_invalid skips broken pairs, not this: the run stops before training.
+    with pytest.raises(ImageTooLargeError):
+        check_dataset(TrainConfig(skip_invalid=True), root, max_image_pixels=32 * 32)
+    checked = check_dataset(TrainConfig(), root, max_image_pixels=33 * 33)  # exactly at the limit
+    assert len(checked.valid("train")) == 3 and len(checked.valid("val")) == 1
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_huge_image_is_refused_from_its_header_and_never_decoded(tmp_path):
+    root = tmp_path / "scenes"
+    _png_header(root / "train" / "A" / "s.png", 12_000, 12_000)  # 144 Mpx: over the default 2**27
+    _png_header(root / "train" / "B" / "s.png", 20_000, 20_000)  # 400 Mpx: Pillow itself refuses the header
+    _png_header(root / "train" / "label" / "s.png", 12_000, 12_000, color_type=0)
+    assert 12_000**2 > DEFAULT_MAX_IMAGE_PIXELS > 2**26
+    with pytest.raises(ImageTooLargeError) as info:
+        check_pairs(list_split(root, "train"), "train")
+    reasons = info.value.reports[0].problems[0].reasons
+    assert reasons[0] == ("image A is 12000x12000 = 144,000,000 pixels, over the limit of 134,217,728 pixels "
+                          "(CDTRAIN_MAX_IMAGE_PIXELS)")
+    assert reasons[1].startswith("image B is larger than Pillow opens (Image size (400000000 pixels) exceeds limit")
+    assert reasons[2].startswith("label is 12000x12000 = 144,000,000 pixels")
+    # Decoding any of them fails (they hold 16 bytes of pixels): a decode would have added an
+    # "unreadable" or "cannot decode" reason, and the label's values are only read once decoded.
+    assert len(reasons) == 3 and not any("unreadable" in r or "decode" in r for r in reasons)
