@@ -21,7 +21,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from infra.views.merge import InvalidCursor, decode_cursor as decode_pair_cursor
+from infra.views.merge import InvalidCursor
 
 LIST_KEY = "list_key"
 """The stored field (Mongo); derived from ``submitted_at`` and the job id, set with them."""
@@ -68,6 +68,10 @@ def decode_cursor(cursor: str) -> str:
         if isinstance(key, str) and _KEY.fullmatch(key):
             return key
     elif isinstance(values, dict) and "t" in values:
-        submitted_at, job_id = decode_pair_cursor(cursor)
-        return list_key(submitted_at, job_id)
+        try:
+            submitted_at, job_id = datetime.fromisoformat(values["t"]), values.get("j")
+        except (TypeError, ValueError):
+            raise InvalidCursor(f"invalid cursor {cursor!r}: use the next_cursor of a previous page") from None
+        if submitted_at.tzinfo is not None and isinstance(job_id, str):
+            return list_key(submitted_at, job_id)
     raise InvalidCursor(f"invalid cursor {cursor!r}: use the next_cursor of a previous page")

@@ -56,9 +56,6 @@ that one epoch's entry can be set on its own.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -213,28 +210,6 @@ def doc_to_view(doc: dict[str, Any]) -> JobView:
             "history": [{"epoch": h["epoch"], "metrics": h["metrics"], "time": h.get("time")} for h in history],
         }
     )
-
-
-# --- list cursors ------------------------------------------------------------------------------
-# Opaque to clients: base64 of the (submitted_at, job_id) of the last item of the page.
-
-
-def encode_cursor(submitted_at: datetime, job_id: str) -> str:
-    raw = json.dumps({"t": submitted_at.isoformat(), "j": job_id}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        values = json.loads(raw)
-        submitted_at = datetime.fromisoformat(values["t"])
-        job_id = values["j"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise InvalidCursor(f"invalid cursor {cursor!r}") from None
-    if submitted_at.tzinfo is None or not isinstance(job_id, str):
-        raise InvalidCursor(f"invalid cursor {cursor!r}")
-    return submitted_at, job_id
 
 
 def check_limit(limit: int, maximum: int = 1000) -> int:
