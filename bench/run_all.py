@@ -51,6 +51,9 @@ BENCHES = (
     Bench("control_plane", ("--rounds", "3", "--requests", "1000"), 600),
     Bench("service_latency", ("--requests", "100", "--events", "20", "--starts", "1"), 600),
     Bench("list_pages", (), 900),
+    Bench("projector_lag", ("--seconds", "20", "--backlog", "5000"), 600),
+    Bench("dataset_fetch", ("--rounds", "3"), 600),
+    Bench("input_pipeline", (), 900),
     Bench("outbox_append", (), 300),
 )
 
@@ -143,6 +146,36 @@ def list_pages_rows(data: dict[str, Any]) -> list[Row]:
                 worst <= 20 and correct)]
 
 
+def projector_lag_rows(data: dict[str, Any]) -> list[Row]:
+    rate = data["params"]["rate"]
+    variants = data["variants"]
+    default = max(variants.values(), key=lambda v: v["prefetch"])
+    lag = default["steady"]["lag"]
+    rows = [Row(f"event to visible view: p99 ≤ 100 ms at {rate:.0f} events/s",
+                f"p99 {lag['p99_ms']:.0f} ms, median {lag['p50_ms']:.0f} ms at {default['steady']['sent_per_s']:.0f} "
+                f"events/s sent (prefetch {default['prefetch']}, n={lag['n']})",
+                lag["p99_ms"] is not None and lag["p99_ms"] <= 100 and default["steady"]["sent_per_s"] >= 0.95 * rate)]
+    rows.append(Row("projector top rate from a backlog (record)", ", ".join(
+        f"prefetch {v['prefetch']}: {v['top']['events_per_s']:.0f} events/s" for v in variants.values()), None))
+    return rows
+
+
+def dataset_fetch_rows(data: dict[str, Any]) -> list[Row]:
+    m, p = data["medians"], data["params"]
+    return [Row(f"dataset fetch from {data['endpoint']}, {p['tiles']} tiles / one archive of {p['dataset_mb']} MB (record)",
+                f"prefix one at a time {m['tiles_serial']['mb_s']:.1f} MB/s, {p['parallel']} at a time "
+                f"{m['tiles_parallel']['mb_s']:.1f} MB/s ({data['parallel_vs_serial']:.2f}×), archive "
+                f"{m['archive']['mb_s']:.1f} MB/s", None)]
+
+
+def input_pipeline_rows(data: dict[str, Any]) -> list[Row]:
+    c = data["config"]
+    return [Row(f"training loader beside the model, shipped config (batch {c['batch_size']}, width {c['base_channel']}, "
+                f"{c['num_workers']} loader workers) on {data['machine']['device']} (record)",
+                f"loader {data['loader_samples_s']:.0f} samples/s, model {data['model_samples_s']:.2f} samples/s: "
+                f"{data['loader_vs_model']:.0f}×", None)]
+
+
 def outbox_append_rows(data: dict[str, Any]) -> list[Row]:
     return [Row("status outbox append, durable (record)",
                 f"median {data['append_median_ms']:.2f} ms, p99 {data['append_p99_ms']:.2f} ms; longest event-loop "
@@ -154,6 +187,9 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "control_plane": control_plane_rows,
     "service_latency": service_latency_rows,
     "list_pages": list_pages_rows,
+    "projector_lag": projector_lag_rows,
+    "dataset_fetch": dataset_fetch_rows,
+    "input_pipeline": input_pipeline_rows,
     "outbox_append": outbox_append_rows,
 }
 

@@ -29,7 +29,7 @@ One run measures, on this machine:
 How items 1 and 2 are served: the real app, ``ingress.app.create_app(settings, bus, view_store,
 object_store)`` with ``IngressSettings()`` defaults (write-through of the QUEUED view on), on
 ``aiohttp.web.AppRunner``/``TCPSite`` at 127.0.0.1:<free port>, and a ``Projector`` on
-``bus.consume_projector`` (prefetch 1), as ``cdtrain serve`` wires them, so views also come from
+``bus.consume_projector`` (the default prefetch), as ``cdtrain serve`` wires them, so views also come from
 the bus events as in production. The client is one ``aiohttp.ClientSession`` (keep-alive), one
 request at a time. Client, ingress and projector share this process's event loop (in production
 the projector is another process). A view is "readable" when ``GET /train/{id}`` answers 200; the
@@ -254,6 +254,7 @@ async def serve_stack(stack: Stack, opened: list[Stack]) -> Stack:
     from infra.views import Projector
     from ingress.app import create_app
     from ingress.settings import IngressSettings
+    from infra.views.projector import DEFAULT_PROJECTOR_PREFETCH
     from schemas.events import StatusEvent
 
     opened.append(stack)
@@ -265,7 +266,7 @@ async def serve_stack(stack: Stack, opened: list[Stack]) -> Stack:
     async def project(event: StatusEvent, _delivery: Any) -> None:
         await stack.projector.handle(event)
 
-    stack.subscription = await bus.consume_projector(project, model=StatusEvent, prefetch=1)
+    stack.subscription = await bus.consume_projector(project, model=StatusEvent, prefetch=DEFAULT_PROJECTOR_PREFETCH)
     stack.app = create_app(IngressSettings(instance=f"bench-{name}"), bus, store, objects)
     stack.runner = web.AppRunner(stack.app, shutdown_timeout=5.0)
     await stack.runner.setup()

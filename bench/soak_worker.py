@@ -73,7 +73,7 @@ class TraceTracker:
             os.write(self._fd, (line + "\n").encode())
 
     # --- JobTracker ---------------------------------------------------------------------------
-    def start_run(self, job: Any, config: Any, attempt: int) -> str:
+    def start_run(self, job: Any, config: Any, attempt: int, dataset: Any = None) -> str:
         run_id = f"{job.job_id}/{attempt}"
         self.record("begin", run_id)
         return run_id

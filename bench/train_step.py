@@ -114,7 +114,7 @@ def _serve(conn, name: str, opts: dict) -> None:
     from snunet_cbam.losses import HybridLoss
     from snunet_cbam.runtime import Precision
     from snunet_cbam.step import TrainStep
-    from snunet_cbam.runtime import should_compile, use_channels_last
+    from snunet_cbam.runtime import COMPILE_PAYS_AFTER_STEPS, should_compile, use_channels_last
     from snunet_cbam.trainer import _split_decay_groups
 
     torch.set_num_threads(opts["threads"])
@@ -134,7 +134,9 @@ def _serve(conn, name: str, opts: dict) -> None:
     model.train()
     loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
     optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
-    compile_now = should_compile(compile_opt, device) if compile_opt == "auto" else compile_opt is True
+    # `auto` as in a long training run: the runs the speed goal is about.
+    compile_now = (should_compile(compile_opt, device, COMPILE_PAYS_AFTER_STEPS) if compile_opt == "auto"
+                   else compile_opt is True)
     step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last, compile=compile_now)
     if isinstance(compile_opt, str) and compile_opt != "auto":
         step.forward = torch.compile(model, mode=compile_opt)

@@ -16,12 +16,17 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cdtrain.settings import ServiceSettings
 from infra.bus import BusUnavailable, InProcessBus, MemoryBroker, MessageBus, create_bus
 from infra.views import open_view_store
-from schemas.redact import RedactingFilter, Redactor
+from infra.logs import configure_logging, set_log_context
+from infra.metrics import MetricsServer, new_registry
 from schemas.topology import Topology
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +35,11 @@ ROLES = ("ingress", "consumer", "projector")
 
 async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio.Event,
                 on_started: Callable[[list[str]], None] | None = None,
-                broker: MemoryBroker | None = None) -> None:
+                broker: MemoryBroker | None = None, registry: CollectorRegistry | None = None) -> None:
     """Run ``roles`` until ``stop`` is set. ``broker``: the embedded bus's broker, to share it
-    with callers that want to watch it (tests, embedding applications)."""
+    with callers that want to watch it (tests, embedding applications). ``registry``: the
+    process's metrics (one for all its roles), served by the ingress at ``/metrics`` and, for the
+    worker and projector roles, on ``settings.metrics_port``."""
     ingress_settings = settings.ingress
     topology = Topology(prefix=ingress_settings.topology_prefix)
     if settings.embedded_bus and broker is None:
@@ -44,7 +51,14 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
         return create_bus(ingress_settings.bus, topology)
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = registry if registry is not None else new_registry()
     async with contextlib.AsyncExitStack() as stack:
+        if settings.metrics_port and {"consumer", "projector"} & set(roles):
+            # The ingress's listen address: loopback on a laptop, all interfaces in the images.
+            metrics_server = MetricsServer(registry, settings.metrics_port, host=ingress_settings.host)
+            if metrics_server.start():
+                # Its shutdown waits for the server thread's poll: not on the event loop.
+                stack.push_async_callback(asyncio.to_thread, metrics_server.close)
         from ingress.main import open_object_store
 
         views = open_view_store(ingress_settings.view_store_url, database=ingress_settings.view_store_database)
@@ -68,21 +82,26 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
                 on_started(urls)
 
         tasks = []
+        # Each role's task, and the bus connection it uses, log with its role (infra/logs.py):
+        # a task keeps the context it was created in.
         if "ingress" in roles:
             from ingress.main import run_ingress
 
+            set_log_context(role="ingress")
             bus = await connected_bus() if broker is not None else None  # RabbitMQ: run_ingress retries
             tasks.append(asyncio.create_task(run_ingress(
                 ingress_settings, stop=stop, on_started=started, bus=bus, view_store=views, object_store=objects,
-                local_bucket_watch=ingress_settings.local_objects_dir is not None)))
+                local_bucket_watch=ingress_settings.local_objects_dir is not None, registry=registry)))
             await asyncio.wait([tasks[0], asyncio.create_task(ingress_up.wait())],
                                return_when=asyncio.FIRST_COMPLETED)
         else:
             started([])
         if "projector" in roles:
+            from consumer.metrics import ProjectorMetrics
             from consumer.roles import run_projector
             from consumer.watchdog import Watchdog
 
+            set_log_context(role="projector")
             bus = await connected_bus()
             watchdog = Watchdog(bus, views, stale_after=settings.stale_after, step_stall=settings.step_stall,
                                 job_deadline=settings.job_deadline, accept_grace=settings.accept_grace,
@@ -90,8 +109,11 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
                                 source=_source("watchdog"))
             tasks.append(asyncio.create_task(run_projector(bus, views, watchdog, stop,
                                                            sweep_interval=settings.watchdog_interval,
-                                                           dead_letter_source=_source("dead-letters"))))
+                                                           dead_letter_source=_source("dead-letters"),
+                                                           prefetch=settings.projector_prefetch,
+                                                           metrics=ProjectorMetrics(registry))))
         if "consumer" in roles:
+            set_log_context(role="consumer")
             if "ingress" not in roles and not ingress_settings.view_store_url.startswith("mongodb"):
                 # The worker claims jobs in, and reads cancel requests from, the views the ingress
                 # and the projector share; a file of this process is not those.
@@ -103,7 +125,9 @@ async def serve(settings: ServiceSettings, roles: tuple[str, ...], stop: asyncio
             if not settings.checkpoints_at.startswith("s3://") and not settings.embedded_bus:
                 log.warning("CDTRAIN_CHECKPOINT_URI is not s3://: checkpoints stay on this machine (%s), and a job "
                             "resumes only here", settings.checkpoints_at)
-            tasks.append(asyncio.create_task(_run_consumer(settings, await connected_bus(), objects, views, stop)))
+            tasks.append(asyncio.create_task(_run_consumer(settings, await connected_bus(), objects, views, stop,
+                                                           registry)))
+        set_log_context(role=None)  # this task's own lines: the process's role again
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
@@ -124,13 +148,15 @@ async def _connect_with_retry(bus: MessageBus, attempts: int, delay: float = 2.0
             await asyncio.sleep(delay)
 
 
-async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, views, stop: asyncio.Event) -> None:
+async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, views, stop: asyncio.Event,
+                        registry: CollectorRegistry) -> None:
     # The worker's imports (torch, MLflow) take seconds: only this role pays for them, in a
     # thread, so an ingress in the same process answers meanwhile.
     await asyncio.to_thread(importlib.import_module, "consumer.tracking.job_tracker")
     from mlflow import MlflowClient
 
     from consumer.checkpoints import CheckpointStore
+    from consumer.metrics import WorkerMetrics
     from consumer.roles import run_worker
     from consumer.stores import StoreResolver
     from consumer.tracking.job_tracker import MlflowJobTracker
@@ -158,9 +184,9 @@ async def _run_consumer(settings: ServiceSettings, bus: MessageBus, objects, vie
                        # Unsent status events survive a restart here; one outbox per worker process.
                        outbox_path=settings.data_dir / "worker" / "status-outbox.sqlite3"),
         # Claims (one owner per job) and cancel requests the ingress recorded.
-        views=views, checkpoints=checkpoints,
+        views=views, checkpoints=checkpoints, metrics=WorkerMetrics(registry),
     )
-    await run_worker(bus, worker, stop)
+    await run_worker(bus, worker, stop, max_jobs=settings.worker_max_jobs, idle_exit_s=settings.worker_idle_exit)
 
 
 def _artifact_location(settings: ServiceSettings) -> str | None:
@@ -174,13 +200,24 @@ def _source(role: str) -> str:
     return f"/cdtrain/{role}/{socket.gethostname()}"
 
 
-def main(role: str) -> int:
+def main(role: str, max_jobs: int | None = None, idle_exit_s: float | None = None) -> int:
+    """``max_jobs`` and ``idle_exit_s`` (the consumer role's limits) override the environment's."""
     from ingress.security import InsecureStart, check_startup
 
     try:
+        if (max_jobs is not None or idle_exit_s is not None) and role != "consumer":
+            raise ValueError("--max-jobs and --idle-exit apply to --role consumer only")
+        if max_jobs is not None and max_jobs < 1:
+            raise ValueError(f"--max-jobs must be at least 1, not {max_jobs}")
+        if idle_exit_s is not None and not idle_exit_s > 0:
+            raise ValueError(f"--idle-exit must be a positive number of seconds, not {idle_exit_s:g}")
         settings = ServiceSettings.from_env(os.environ)
-        logging.basicConfig(level=settings.ingress.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        RedactingFilter(Redactor(settings.secret_values())).install()
+        overrides = {k: v for k, v in (("worker_max_jobs", max_jobs), ("worker_idle_exit_s", idle_exit_s))
+                     if v is not None}
+        if overrides:
+            settings = settings.model_copy(update=overrides)
+        configure_logging(level=settings.ingress.log_level, fmt=settings.ingress.log_format,
+                          secrets=settings.secret_values(), role=role, uncaught=True)
         if role in ("all", "ingress"):
             check_startup(settings.ingress)
     except (ValueError, InsecureStart) as exc:

@@ -17,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from infra.secret_files import with_secret_files
 from schemas.redact import url_password
 from consumer.limits import DatasetLimits
+from infra.views.projector import DEFAULT_PROJECTOR_PREFETCH
 from ingress.settings import IngressSettings
 from schemas.jobs import DEFAULT_DEADLINE_S
+
+# Longer than a request's trip from the queue to a worker that is already up, short next to a
+# GPU's cost: a worker with a job limit that finds nothing to take exits after this.
+DEFAULT_ONE_JOB_IDLE_EXIT_S = 120.0
 
 # Variables read here, beyond those of IngressSettings (ingress/settings.py, ENV_VARS).
 SERVICE_ENV_VARS = {
@@ -42,7 +47,13 @@ SERVICE_ENV_VARS = {
     "CDTRAIN_JOB_DEADLINE_S": "seconds from submission after which the watchdog ends a job FAILED and stops its "
                               "worker, unless the train request sets deadline_s (default 604800, 7 days)",
     "CDTRAIN_WORKER_CONFIG": "YAML mapping applied over every job's config on this worker, e.g. '{num_workers: 8}'",
+    "CDTRAIN_WORKER_MAX_JOBS": "consumer role: take this many train requests, then exit 0 once the last has ended "
+                               "(1: one Kubernetes Job per request; `cdtrain serve --max-jobs`; default: no limit)",
+    "CDTRAIN_WORKER_IDLE_EXIT_S": "consumer role: exit 0 after this many seconds without a job in hand "
+                                  "(`cdtrain serve --idle-exit`; default 120 with a job limit, else never)",
     "CDTRAIN_ALLOW_LOCAL_PATHS": "let jobs read file:// datasets (default: only in the embedded mode)",
+    "CDTRAIN_METRICS_PORT": "consumer and projector roles: port of the Prometheus /metrics server, one per process, "
+                            "on CDTRAIN_HOST (default 9100; 0: none). The ingress serves /metrics on its own port",
     "CDTRAIN_PROMOTION_MARGIN": "quality gate of the registry: a model reaches production only with an F1 above "
                                 "its validation split's all-change F1 plus this margin (default 0.10)",
     # The worker's limits (consumer/limits.py); past one a job ends FAILED naming the variable.
@@ -82,12 +93,20 @@ class ServiceSettings(BaseModel):
     # short enough that a job nobody watches does not hold a GPU or a queue slot for weeks.
     job_deadline: float = Field(float(DEFAULT_DEADLINE_S), gt=0)
     worker_config: dict[str, Any] = Field(default_factory=dict)
+    # A worker that exits after its jobs (one Kubernetes Job per request), and after idling:
+    # None is no limit (see worker_idle_exit).
+    worker_max_jobs: int | None = Field(None, ge=1)
+    worker_idle_exit_s: float | None = Field(None, gt=0)
     allow_local_paths: bool = False
+    # The worker's and projector's Prometheus endpoint (infra/metrics.py); 0: none.
+    metrics_port: int = Field(9100, ge=0, le=65535)
     # The worker's quality gate (consumer/tracking/promotion.py): absolute F1 above the all-change
     # F1 of the job's validation split. Negative values lower the gate below "change everywhere".
     promotion_margin: float = Field(0.10, ge=-1, le=1)
     # Bus connection attempts (2 s apart) of the worker and projector roles before they exit.
     connect_attempts: int = Field(30, ge=1)
+    # Status events the projector writes at once (one job's stay in order).
+    projector_prefetch: int = Field(DEFAULT_PROJECTOR_PREFETCH, ge=1, le=1000)
     # What a job's dataset and config may take of a worker, and its dataset cache's bound.
     limits: DatasetLimits = DatasetLimits()
 
@@ -97,6 +116,14 @@ class ServiceSettings(BaseModel):
     @property
     def checkpoints_at(self) -> str:
         return self.checkpoint_uri or str(self.data_dir / "checkpoints")
+
+    @property
+    def worker_idle_exit(self) -> float | None:
+        """A worker with a job limit was started for a request that another worker may have taken
+        first: without this it would hold its GPU, waiting, for ever."""
+        if self.worker_idle_exit_s is None and self.worker_max_jobs is not None:
+            return DEFAULT_ONE_JOB_IDLE_EXIT_S
+        return self.worker_idle_exit_s
 
     @property
     def embedded_bus(self) -> bool:
@@ -137,8 +164,12 @@ class ServiceSettings(BaseModel):
             step_stall=env.get("CDTRAIN_STEP_STALL_S", 1800.0),
             job_deadline=env.get("CDTRAIN_JOB_DEADLINE_S", float(DEFAULT_DEADLINE_S)),
             worker_config=worker_config,
+            worker_max_jobs=env.get("CDTRAIN_WORKER_MAX_JOBS"),
+            worker_idle_exit_s=env.get("CDTRAIN_WORKER_IDLE_EXIT_S"),
             promotion_margin=env.get("CDTRAIN_PROMOTION_MARGIN", 0.10),
+            metrics_port=env.get("CDTRAIN_METRICS_PORT", 9100),
             limits=DatasetLimits.from_env(env),
+            projector_prefetch=env.get("CDTRAIN_PROJECTOR_PREFETCH", DEFAULT_PROJECTOR_PREFETCH),
             allow_local_paths=(allow_local.lower() in ("1", "true", "yes", "on")) if allow_local
             else ingress.bus.in_process,
         )

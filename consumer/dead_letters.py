@@ -25,6 +25,7 @@ from infra.bus import BusError, DeadLetter, Delivery, MessageBus
 from infra.views import Projector
 from schemas import JobState, JobView, StatusEvent, TrainJob
 from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE, JOB_ID_PATTERN, attempt_of
+from schemas.tracing import TraceParent
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,12 @@ class DeadLetters:
         if job is not None and (view is None or view.request is None):  # the view needs its request
             submission = dict(request=job.request, submitted_at=job.submitted_at, job_source=job.source,
                               trigger=job.trigger)
+        # In the submission's trace, as the job's other events are.
+        trace = TraceParent.parse((job.traceparent if job is not None else None)
+                                  or (view.traceparent if view is not None else None))
         return StatusEvent.for_job(job_id, sequence, JobState.FAILED, source=self.source,
-                                   phase=view.phase if view is not None else None, error=reason, **submission)
+                                   phase=view.phase if view is not None else None, error=reason,
+                                   traceparent=trace.child() if trace is not None else None, **submission)
 
     @staticmethod
     def _read_request(letter: DeadLetter) -> tuple[TrainJob | None, str | None]:

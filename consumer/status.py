@@ -23,6 +23,7 @@ from typing import Any
 from schemas import JobPhase, JobState, StatusEvent, TrainJob
 from schemas.events import STICKY_FIELDS
 from schemas.jobs import ATTEMPT_STRIDE
+from schemas.tracing import continue_trace
 
 from .status_relay import OutboxClosed, StatusRelay
 
@@ -39,6 +40,9 @@ class JobStatusPublisher:
         # the relay: an outage must not keep the worker from its next job.
         self.settle_timeout = settle_timeout
         self._sequence = attempt * ATTEMPT_STRIDE
+        # This attempt is one span of the submission's trace (a new trace for a job sent without
+        # one); every event it makes carries that span.
+        self.traceparent = str(continue_trace(job.traceparent))
         self._lock = threading.Lock()
         # STICKY_FIELDS are repeated on every event, so any event (heartbeats included) carries the
         # whole picture.
@@ -121,7 +125,7 @@ class JobStatusPublisher:
         return StatusEvent.for_job(
             self.job.job_id, self._sequence, state, source=self.source, phase=phase,
             request=self.job.request, submitted_at=self.job.submitted_at, job_source=self.job.source,
-            trigger=self.job.trigger, **merged,
+            trigger=self.job.trigger, traceparent=self.traceparent, **merged,
         )
 
     def _remember(self, fields: dict[str, Any]) -> None:

@@ -63,6 +63,7 @@ from schemas import JobPhase, JobState, JobView, StatusEvent, TrainJob, utc_now
 from schemas.control import CANCELLED_BY_REQUEST, CancelCommand
 from schemas.jobs import ATTEMPT_HEADER, ATTEMPT_STRIDE, DEFAULT_DEADLINE_S, attempt_of
 from schemas.topology import cancel_routing_key
+from schemas.tracing import TraceParent
 
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class Watchdog:
             await self.views.request_cancel(view.job_id, now, reason)
             sequence = (view.last_sequence // ATTEMPT_STRIDE + 1) * ATTEMPT_STRIDE
             event = StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,
-                                        phase=view.phase, error=reason)
+                                        phase=view.phase, error=reason, traceparent=_span(view))
             if not await self.views.apply(event):
                 continue  # another watchdog (or a newer attempt) got there first
             await self.bus.publish_status(event, event.routing_key, message_id=event.id)
@@ -202,8 +203,7 @@ class Watchdog:
         republished = []
         for view in await self.unconfirmed_jobs(utc_now(), every_queued=every_queued):
             attempt = attempt_of(view.last_sequence)
-            job = TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
-                           source=view.source or "api", trigger=view.trigger)
+            job = _job_of(view)
             await self.bus.publish_request(job, message_id=job.job_id, headers={ATTEMPT_HEADER: attempt})
             await self.views.mark_accepted(job.job_id, attempt)
             log.warning("job %s: its request (attempt %d) was published again: %s", job.job_id, attempt + 1,
@@ -218,16 +218,17 @@ class Watchdog:
         if view.cancel_requested_at is not None:
             # A user cancelled it and then its worker went silent: end it, never run it again.
             return StatusEvent.for_job(view.job_id, sequence, JobState.CANCELLED, source=self.source,
-                                       phase=view.phase, error=view.cancel_reason or CANCELLED_BY_REQUEST), None
+                                       phase=view.phase, error=view.cancel_reason or CANCELLED_BY_REQUEST,
+                                       traceparent=_span(view)), None
         if attempt >= self.max_attempts:
             reason = (f"the worker running this job stopped responding {attempt} times "
                       f"(no status for {self.stale_after:g} s); giving up" if silent else
                       f"giving up after {attempt} attempts: the last made {why}")
             return StatusEvent.for_job(view.job_id, sequence, JobState.FAILED, source=self.source,
-                                       phase=view.phase, error=reason), None
-        job = TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
-                       source=view.source or "api", trigger=view.trigger)
+                                       phase=view.phase, error=reason, traceparent=_span(view)), None
+        job = _job_of(view)
         event = StatusEvent.for_job(view.job_id, sequence, JobState.QUEUED, source=self.source,
+                                    traceparent=_span(view),
                                     error=f"re-queued (attempt {attempt + 1}): " + (
                                         "its worker went silent" if silent else f"it made {why}"))
         return event, job
@@ -268,3 +269,16 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next interval
                 log.exception("watchdog sweep failed")
             await asyncio.sleep(interval)
+
+
+def _job_of(view: JobView) -> TrainJob:
+    """The request of a job, rebuilt from its view to be published again: the same submission,
+    in the same trace (the worker that takes it continues the submission's span)."""
+    return TrainJob(job_id=view.job_id, request=view.request, submitted_at=view.submitted_at,
+                    source=view.source or "api", trigger=view.trigger, traceparent=view.traceparent)
+
+
+def _span(view: JobView) -> str | None:
+    """A span of the job's trace for an event this watchdog makes (None: the job has no trace)."""
+    parent = TraceParent.parse(view.traceparent)
+    return None if parent is None else str(parent.child())

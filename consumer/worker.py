@@ -38,8 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from consumer.cancellation import JobControl, cancel_reason
 from consumer.checkpoints import CheckpointStore, CheckpointUploader, StoredProgress
 from consumer.dataset_cache import DatasetCache
-from consumer.dataset_fetch import DatasetFetchError, fetch_config, fetch_dataset
+from consumer.dataset_fetch import DatasetFetchError, FetchedDataset, fetch_config, fetch_dataset
 from consumer.limits import DatasetLimits
+from consumer.metrics import WorkerMetrics
 from consumer.outbox import StatusOutbox
 from consumer.ownership import check_view, claim_job, read_view, watch_job
 from consumer.status import JobStatusPublisher
@@ -48,6 +49,7 @@ from consumer.status_relay import StatusRelay
 from infra.backoff import RetryBackoff, retry_briefly
 from consumer.stores import StoreResolver
 from infra.bus import Delivery, MessageBus, heartbeat
+from infra.logs import log_context
 from infra.views.store import JobViewStore
 from schemas import ConfigError, JobPhase, JobState, TrainConfig, TrainJob
 from schemas.control import CancelCommand
@@ -75,7 +77,10 @@ class RegisteredModel(BaseModel):
 class JobTracker(Protocol):
     """Experiment tracking for one job (MLflow in production); blocking calls, run in threads."""
 
-    def start_run(self, job: TrainJob, config: TrainConfig, attempt: int) -> str: ...
+    def start_run(self, job: TrainJob, config: TrainConfig, attempt: int,
+                  dataset: FetchedDataset | None = None) -> str:
+        """The job's run (found again by a later attempt); ``dataset``, what was fetched for the
+        job, is recorded as the run's input (its content key)."""
 
     def hooks(self, run_id: str) -> TrainerHooks: ...
 
@@ -126,7 +131,8 @@ class _Interrupted(Exception):
 
 class TrainingWorker:
     def __init__(self, bus: MessageBus, stores: StoreResolver, tracker: JobTracker, settings: WorkerSettings, *,
-                 views: JobViewStore | None = None, checkpoints: CheckpointStore | None = None) -> None:
+                 views: JobViewStore | None = None, checkpoints: CheckpointStore | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.bus = bus
         self.stores = stores
         self.tracker = tracker
@@ -136,6 +142,8 @@ class TrainingWorker:
         self.views = views
         # Where checkpoints go so that any worker resumes the job; None: this worker's disk only.
         self.checkpoints = checkpoints
+        # Prometheus figures of jobs and epochs (consumer/metrics.py); None: none recorded.
+        self.metrics = metrics
         # Every job's status events go through this outbox, in order, retried until confirmed.
         self.relay = StatusRelay(bus, StatusOutbox(settings.status_outbox), backoff=settings.status_retry)
         # Datasets by content, least recently used evicted past the bound; a job's own is held.
@@ -147,6 +155,11 @@ class TrainingWorker:
 
     async def handle(self, job: TrainJob, delivery: Delivery) -> None:
         attempt = int(delivery.headers.get(ATTEMPT_HEADER, 0)) + delivery.delivery_count
+        # Every log line of the job, the training thread's included, names it (infra/logs.py).
+        with log_context(job_id=job.job_id, attempt=attempt):
+            await self._handle(job, attempt, delivery)
+
+    async def _handle(self, job: TrainJob, attempt: int, delivery: Delivery) -> None:
         status = JobStatusPublisher(self.relay, job, source=self.settings.source, attempt=attempt,
                                     settle_timeout=self.settings.status_settle_s)
         self._idle.clear()
@@ -177,10 +190,16 @@ class TrainingWorker:
             # Confirmed by the broker before the ack: from the ack on, the status stream holds the job.
             await status.send(starting)
             await delivery.ack()
+            if self.metrics is not None:
+                self.metrics.job_started()
             interval = self.settings.heartbeat_interval
-            async with heartbeat(status.heartbeat, interval), \
-                    watch_job(self.views, job.job_id, attempt, control, interval):
-                await self._run(job, attempt, status, control)
+            try:
+                async with heartbeat(status.heartbeat, interval), \
+                        watch_job(self.views, job.job_id, attempt, control, interval):
+                    await self._run(job, attempt, status, control)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.job_finished(status.state)
         finally:
             self._controls.pop(job.job_id, None)
             self.datasets.release(job.job_id)
@@ -223,7 +242,7 @@ class TrainingWorker:
     # --- one job ---------------------------------------------------------------------------------
     async def _run(self, job: TrainJob, attempt: int, status: JobStatusPublisher, control: JobControl) -> None:
         try:
-            data_dir, config = await self._prepare_unless_interrupted(job, control)
+            dataset, config = await self._prepare_unless_interrupted(job, control)
         except JobInputError as exc:
             await status.publish(JobState.FAILED, JobPhase.DOWNLOADING, error=str(exc))
             return
@@ -232,11 +251,14 @@ class TrainingWorker:
             await self._end_interrupted(job, attempt, status, control, None, JobPhase.DOWNLOADING)
             return
 
-        run_id = await asyncio.to_thread(self.tracker.start_run, job, config, attempt)
+        data_dir = dataset.path
+        run_id = await asyncio.to_thread(self.tracker.start_run, job, config, attempt, dataset)
         await status.publish(JobState.RUNNING, JobPhase.TRAINING, epochs=config.epochs, mlflow_run_id=run_id)
         out_dir = self.settings.work_dir / "runs" / job.job_id / f"attempt-{attempt}"
         resumed = await self._restore(job, out_dir)
         hooks: list[TrainerHooks] = [self.tracker.hooks(run_id), StatusHooks(status)]
+        if self.metrics is not None:
+            hooks.append(self.metrics.hooks())
         if self.checkpoints is not None:
             hooks.append(CheckpointUploader(
                 self.checkpoints, job.job_id, attempt, asyncio.get_running_loop(),
@@ -332,7 +354,7 @@ class TrainingWorker:
                      ", training finished" if progress.finished else "")
         return progress
 
-    async def _prepare_unless_interrupted(self, job: TrainJob, control: JobControl) -> tuple[Path, TrainConfig]:
+    async def _prepare_unless_interrupted(self, job: TrainJob, control: JobControl) -> tuple[FetchedDataset, TrainConfig]:
         """The fetch, abandoned as soon as the job is cancelled, superseded or the worker stops
         (raises :class:`_Interrupted`).
 
@@ -354,7 +376,7 @@ class TrainingWorker:
             raise _Interrupted
         return fetch.result()
 
-    async def _prepare(self, job: TrainJob) -> tuple[Path, TrainConfig]:
+    async def _prepare(self, job: TrainJob) -> tuple[FetchedDataset, TrainConfig]:
         request = job.request
         try:
             base = TrainConfig()
@@ -370,7 +392,7 @@ class TrainingWorker:
                                           holder=job.job_id)
         except (ConfigError, DatasetFetchError, ValueError) as exc:
             raise JobInputError(str(exc)) from None
-        return fetched.path, config
+        return fetched, config
 
     async def _fail(self, status: JobStatusPublisher, run_id: str, phase: JobPhase, reason: str) -> None:
         await asyncio.to_thread(self.tracker.fail, run_id, reason)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ingress.app import BUCKET_EVENTS, create_app
 from ingress.settings import IngressSettings
-from schemas.redact import RedactingFilter, Redactor
+from infra.logs import configure_logging
 from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,13 @@ def open_object_store(settings: IngressSettings) -> Any:
 async def run_ingress(settings: IngressSettings, *, stop: asyncio.Event | None = None,
                       on_started: Callable[[list[str]], None] | None = None, bus: Any = None,
                       view_store: Any = None, object_store: Any = None,
-                      local_bucket_watch: bool = False) -> None:
+                      local_bucket_watch: bool = False, registry: Any = None) -> None:
     """Serve until ``stop`` is set (or the task is cancelled); ``on_started`` gets the URLs.
 
     ``bus``, ``view_store`` and ``object_store`` may be given (the all-in-one process shares them
     with the other roles; the caller then owns them); otherwise they are opened from settings.
     ``local_bucket_watch`` polls the local object directory for dropped datasets (embedded mode).
+    ``registry``: the process's metrics registry (infra/metrics.py), served at ``/metrics``.
     """
     from infra.bus import BusUnavailable, create_bus
     from infra.views import open_view_store
@@ -76,7 +77,7 @@ async def run_ingress(settings: IngressSettings, *, stop: asyncio.Event | None =
             object_store = open_object_store(settings)
             stack.push_async_callback(object_store.close)
 
-        app = create_app(settings, bus, view_store, object_store)
+        app = create_app(settings, bus, view_store, object_store, registry=registry)
         await _start_listeners(settings, app[BUCKET_EVENTS], stack)
         if local_bucket_watch and settings.local_objects_dir is not None:
             from ingress.local_watcher import LocalBucketWatcher
@@ -149,8 +150,8 @@ def main() -> int:
 
     try:
         settings = IngressSettings.from_env(os.environ)
-        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        RedactingFilter(Redactor(settings.secret_values())).install()
+        configure_logging(level=settings.log_level, fmt=settings.log_format, secrets=settings.secret_values(),
+                          role="ingress", uncaught=True)
         check_startup(settings)
     except (ValueError, InsecureStart) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 Schemas come from the pydantic models the handlers really build or parse, through
 ``model_json_schema(ref_template="#/components/schemas/{model}")``; each model's ``$defs`` go to
-``components/schemas``. Only the few bodies no model describes (``/healthz``, the bucket
-notification, this document itself) are written here. Status codes are those the handlers and
+``components/schemas``. Only the few bodies no model describes (``/healthz``, ``/metrics``, the
+bucket notification, this document itself) are written here. Status codes are those the handlers and
 :func:`ingress.http.error_middleware` answer; tests/test_openapi.py compares the document with
 the app's routes, and tests/test_api_fuzz.py checks the running ingress against it.
 
@@ -28,8 +28,9 @@ from ingress.models import (
     Readiness,
     SseEnd,
 )
-from schemas.events import StatusEvent
+from schemas.events import STATUS_DATA_SCHEMA, STATUS_DATA_SCHEMA_PATH, StatusEvent
 from schemas.jobs import JOB_ID_PATTERN, JobState, JobView, TrainRequest
+from schemas.tracing import TRACEPARENT_PATTERN
 
 __all__ = ["OPENAPI_VERSION", "REF_TEMPLATE", "build_openapi", "package_version"]
 
@@ -91,6 +92,11 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.
                                 "schema": {"type": "integer", "minimum": 1}}}
 _LOCATION = {"Location": {"description": "The job's URL (`/train/{job_id}`).", "required": True,
                           "schema": {"type": "string"}}}
+_TRACEPARENT_DESCRIPTION = ("W3C Trace Context: the job's trace. A valid `traceparent` sent with the request is "
+                            "continued (an invalid or missing one starts a new trace); every status event of the "
+                            "job carries a span of this trace (CloudEvents attribute `traceparent`).")
+_TRACEPARENT = {"traceparent": {"description": _TRACEPARENT_DESCRIPTION, "required": False,
+                                "schema": {"type": "string", "pattern": TRACEPARENT_PATTERN}}}
 _WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "`Bearer realm=\"...\"`", "required": True,
                                           "schema": {"type": "string", "pattern": "^Bearer"}}}
 
@@ -150,13 +156,15 @@ def _train_paths(schemas: _Schemas) -> dict[str, Json]:
                                "(the job view exists before the answer); 200 when `idempotency_key` "
                                "names an existing job with the same request.",
                 "security": api,
+                "parameters": [{"name": "traceparent", "in": "header", "required": False,
+                                "description": _TRACEPARENT_DESCRIPTION, "schema": {"type": "string"}}],
                 "requestBody": {"required": True, "content": _content(schemas.ref(TrainRequest, "validation"))},
                 "responses": {
-                    "202": {"description": "A new job was accepted.", "headers": _LOCATION, "content": accepted,
-                            "links": _job_links()},
+                    "202": {"description": "A new job was accepted.", "headers": {**_LOCATION, **_TRACEPARENT},
+                            "content": accepted, "links": _job_links()},
                     "200": {"description": "`idempotency_key` was used before with the same request: the "
-                                           "existing job, `duplicate: true`.",
-                            "headers": _LOCATION, "content": accepted, "links": _job_links()},
+                                           "existing job, `duplicate: true` (`traceparent`: that job's trace).",
+                            "headers": {**_LOCATION, **_TRACEPARENT}, "content": accepted, "links": _job_links()},
                     **_errors(schemas, 400, 401, 403, 409, 413, 422, 503,
                               e409="`idempotency_key` was used before with a different request; `job_id` "
                                    "names that job.",
@@ -300,12 +308,42 @@ def _probe_and_doc_paths(schemas: _Schemas) -> dict[str, Json]:
                         "content": readiness},
             },
         }},
+        "/metrics": {"get": {
+            "operationId": "getMetrics",
+            "summary": "Prometheus metrics of this process",
+            "description": "Requests and latency by route template and status, jobs by state, queue depths "
+                           "(docs/deploy.md lists them). Open, like the probes: no label names a job, a "
+                           "dataset or a caller (docs/security.md).",
+            "security": [],
+            "responses": {"200": {
+                "description": "Prometheus' text format 0.0.4; OpenMetrics when `Accept` asks for "
+                               "`application/openmetrics-text`.",
+                "content": {**_content({"type": "string"}, "text/plain"),
+                            **_content({"type": "string"}, "application/openmetrics-text")}}},
+        }},
         "/openapi.json": {"get": {
             "operationId": "getOpenApi",
             "summary": "This document",
             "security": [],
             "responses": {"200": {"description": "The OpenAPI 3.1 document.", "content": _content(
                 {"type": "object", "required": ["openapi", "info", "paths"]})}},
+        }},
+        "/asyncapi.json": {"get": {
+            "operationId": "getAsyncApi",
+            "summary": "The message bus's AsyncAPI 3.0 document",
+            "description": "Exchanges, queues and message payloads (train jobs, status events, cancel commands) "
+                           "of this ingress's topology, generated from the code.",
+            "security": [],
+            "responses": {"200": {"description": "The AsyncAPI 3.0 document.", "content": _content(
+                {"type": "object", "required": ["asyncapi", "info", "channels"]})}},
+        }},
+        STATUS_DATA_SCHEMA_PATH: {"get": {
+            "operationId": "getStatusEventDataSchema",
+            "summary": "The JSON Schema of a status event's data",
+            "description": f"The document that status events name in `dataschema` (its `$id`: `{STATUS_DATA_SCHEMA}`).",
+            "security": [],
+            "responses": {"200": {"description": "A JSON Schema (2020-12).", "content": _content(
+                {"type": "object", "required": ["$id", "properties"]})}},
         }},
         "/docs": {"get": {
             "operationId": "getDocs",

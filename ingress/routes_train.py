@@ -15,6 +15,7 @@ from ingress.cancel import cancel_message
 from ingress.models import Accepted, CancelAccepted, FieldProblem, JobList
 from ingress.validation import parse_list_query, parse_train_request
 from schemas.jobs import JOB_ID_PATTERN
+from schemas.tracing import TRACEPARENT_HEADER, continue_trace
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
@@ -26,11 +27,17 @@ def status_url(job_id: str) -> str:
 async def post_train(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     train_request = parse_train_request(await request.read())
-    sub = await deps.submitter.submit(train_request, source="api")
+    # This request is a span of the caller's trace (a new trace without a valid header); the job's
+    # events continue it, and the answer names it so the caller can find them.
+    trace = str(continue_trace(request.headers.get(TRACEPARENT_HEADER)))
+    sub = await deps.submitter.submit(train_request, source="api", traceparent=trace)
     url = status_url(sub.job_id)
     body = Accepted(job_id=sub.job_id, status_url=url, state=sub.state.name, duplicate=not sub.created)
+    headers = {"Location": url}
+    if sub.traceparent is not None:  # a duplicate answers with its job's trace
+        headers[TRACEPARENT_HEADER] = sub.traceparent
     # 202 only now: the request is confirmed by the broker (Submitter raises otherwise).
-    return json_response(body, status=202 if sub.created else 200, headers={"Location": url})
+    return json_response(body, status=202 if sub.created else 200, headers=headers)
 
 
 async def delete_job(request: web.Request) -> web.Response:

@@ -112,6 +112,9 @@ class IngressSettings(_Frozen):
     sse_heartbeat_s: float = Field(15.0, gt=0)
     client_max_size: int = Field(1 << 20, ge=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per line (infra/logs.py), for log collectors; every role reads it here.
+    log_format: Annotated[Literal["text", "json"],
+                          BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "text"
 
     @property
     def enforced_api_token(self) -> SecretStr | None:
@@ -201,6 +204,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "CDTRAIN_SQS_WAIT_S": ("sqs", "wait_time_s"),
     "CDTRAIN_SSE_HEARTBEAT_S": ("sse_heartbeat_s",),
     "CDTRAIN_LOG_LEVEL": ("log_level",),
+    "CDTRAIN_LOG_FORMAT": ("log_format",),
 }
 _FIELD_TO_ENV = {path: var for var, path in ENV_VARS.items()}
 

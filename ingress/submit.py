@@ -13,7 +13,8 @@ Order, and why:
    can only get the request after the QUEUED event was routed: every subscriber sees a job's
    events in order.
 3. **Then the confirm is recorded** in the view (``accepted_attempt``, rule 11), after the 202:
-   the write only spares the watchdog a republish. The ingress dying before it lands leaves a
+   the write only spares the watchdog a republish, so many jobs' records share one write
+   (ingress/acceptance.py). The ingress dying before it lands leaves a
    QUEUED view whose request may not be in the queue: after ``accept_grace`` the watchdog
    publishes it again (a copy that did arrive is refused by the worker's claim, rule 9).
 
@@ -28,16 +29,18 @@ the same idempotency key starts the job's next attempt (events numbered from ``a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from infra.bus.errors import BusUnavailable
+from infra.keyed_locks import KeyedLocks
+from ingress.acceptance import AcceptanceRecorder
 from ingress.errors import IdempotencyConflict, LocationNotAllowed, Unavailable
 from ingress.models import FieldProblem
-from schemas.events import CLOUDEVENTS_CONTENT_TYPE, StatusEvent
+from schemas.events import StatusEvent
+from schemas.tracing import TraceParent
 from schemas.jobs import (
     ATTEMPT_HEADER,
     ATTEMPT_STRIDE,
@@ -67,28 +70,8 @@ class Submission:
     job_id: str
     state: JobState
     created: bool  # False: an earlier job with the same idempotency key
-
-
-class KeyedLock:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[key]
-
-    def __len__(self) -> int:
-        return len(self._locks)
+    # The job's trace context (its submission's span); None only for a job older than traces.
+    traceparent: str | None = None
 
 
 class ViewReader:
@@ -120,30 +103,33 @@ class Submitter:
         self.views = views
         self.event_source = event_source
         self.allowed = allowed  # None: any location (the embedded one-machine mode)
-        self._locks = KeyedLock()
-        self._marking: set[asyncio.Task[None]] = set()  # confirms being recorded after the 202
+        self._locks = KeyedLocks()
+        self._acceptance = AcceptanceRecorder(views)  # confirms recorded after the 202
 
     async def submit(self, request: TrainRequest, *, source: JobSource = "api",
-                     trigger: BucketTrigger | None = None) -> Submission:
+                     trigger: BucketTrigger | None = None, traceparent: str | None = None) -> Submission:
         """Accept ``request``. Raises LocationNotAllowed, Unavailable (nothing accepted) or
-        IdempotencyConflict."""
+        IdempotencyConflict. ``traceparent``: this submission's span (schemas/tracing.py); a job
+        submitted without one starts a trace of its own."""
         self._check_allowed(request)
+        trace = traceparent or str(TraceParent.new())
         key = request.idempotency_key
         if key is None:
-            return await self._accept(TrainJob(request=request, source=source, trigger=trigger))
+            return await self._accept(TrainJob(request=request, source=source, trigger=trigger, traceparent=trace))
         job_id = new_job_id(key)
         # Serialises this process's duplicates cheaply; across replicas the view's creation does.
         async with self._locks.hold(job_id):
             existing = await self._existing(job_id, key)
             if existing is None:
-                return await self._accept(TrainJob(job_id=job_id, request=request, source=source, trigger=trigger))
+                return await self._accept(TrainJob(job_id=job_id, request=request, source=source, trigger=trigger,
+                                                   traceparent=trace))
             if existing.request is not None and existing.request != request:
                 raise IdempotencyConflict(key, existing.job_id)
             if not _not_accepted(existing):
-                return Submission(existing.job_id, existing.state, created=False)
+                return Submission(existing.job_id, existing.state, created=False, traceparent=existing.traceparent)
             # The earlier try never reached the queue: this one is the job's next attempt, taken
             # with a compare-and-set so that of two replicas retrying it one does.
-            job = TrainJob(job_id=job_id, request=request, source=source, trigger=trigger)
+            job = TrainJob(job_id=job_id, request=request, source=source, trigger=trigger, traceparent=trace)
             return await self._accept(job, attempt_of(existing.last_sequence) + 1, replaces=existing.last_sequence)
 
     def _check_allowed(self, request: TrainRequest) -> None:
@@ -173,7 +159,8 @@ class Submitter:
         write = store.create(queued) if replaces is None else store.apply(queued, expect_sequence=replaces)
         if not await self.views.call(write):
             view = await self.views.call(store.get(job.job_id))
-            return Submission(job.job_id, view.state if view else JobState.QUEUED, created=False)
+            return Submission(job.job_id, view.state if view else JobState.QUEUED, created=False,
+                              traceparent=view.traceparent if view else None)
         try:
             await self._publish_both(queued, job, attempt)
         except BusUnavailable as exc:
@@ -183,10 +170,8 @@ class Submitter:
             # A worker already took it: the broker had the request after all.
             log.info("job %s: its request was not confirmed, yet a worker claimed it", job.job_id)
         # Not awaited: until it lands, losing it costs only a republish that the claim refuses.
-        task = asyncio.create_task(self._mark_accepted(job.job_id, attempt))
-        self._marking.add(task)
-        task.add_done_callback(self._marking.discard)
-        return Submission(job.job_id, JobState.QUEUED, created=True)
+        self._acceptance.record(job.job_id, attempt)
+        return Submission(job.job_id, JobState.QUEUED, created=True, traceparent=job.traceparent)
 
     async def _publish_both(self, queued: StatusEvent, job: TrainJob, attempt: int) -> None:
         """The QUEUED event, then the request, started in that order (the bus keeps it, see
@@ -208,6 +193,7 @@ class Submitter:
             queued.job_id, queued.sequence + 1, JobState.FAILED, source=self.event_source,
             error=f"{NOT_ACCEPTED}: the message bus did not confirm the request ({exc}); nothing ran, "
                   "submit it again",
+            traceparent=queued.traceparent,
         )
         try:
             ended = await self.views.call(self.views.store.apply(failed, expect_sequence=queued.sequence))
@@ -224,21 +210,13 @@ class Submitter:
                 log.warning("job %s: its FAILED (not accepted) event was not published", queued.job_id)
         return ended
 
-    async def _mark_accepted(self, job_id: str, attempt: int) -> None:
-        try:
-            await self.views.call(self.views.store.mark_accepted(job_id, attempt))
-        except Unavailable as exc:
-            # The request is in the queue; the watchdog will publish a copy that the claim refuses.
-            log.warning("job %s: the confirm of its request was not recorded (%s)", job_id, exc)
-
     async def _publish_event(self, event: StatusEvent) -> None:
         # message_id = the event id: a redelivered or re-published event stays one event.
-        await self.bus.publish_status(event, event.routing_key, message_id=event.id,
-                                      content_type=CLOUDEVENTS_CONTENT_TYPE)
+        await self.bus.publish_status(event, event.routing_key, message_id=event.id)
 
     async def close(self) -> None:
-        """Wait for the confirms still being recorded (each bounded by the store timeout)."""
-        await asyncio.gather(*self._marking, return_exceptions=True)
+        """Wait for the confirms still being recorded (each write bounded by the store timeout)."""
+        await self._acceptance.close()
 
 
 def _not_accepted(view: JobView) -> bool:

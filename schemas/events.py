@@ -11,6 +11,15 @@ Envelope attributes:
 - ``source`` names the emitting process: ``/cdtrain/<role>/<host>`` (:func:`event_source`),
   e.g. ``/cdtrain/worker/gpu-node-3`` or ``/cdtrain/ingress/api-0``.
 - ``id`` is unique per event (a UUID); redelivering the same event keeps its id.
+- ``dataschema`` names the JSON Schema of ``data`` and its version (:data:`STATUS_DATA_SCHEMA`);
+  the ingress serves that schema at :data:`STATUS_DATA_SCHEMA_PATH`.
+- ``traceparent`` (the CloudEvents distributed-tracing extension) is the W3C trace context of the
+  span that made the event, in the trace of the POST that submitted the job (schemas/tracing.py).
+
+On the bus every event travels in structured mode: the body is this envelope and the AMQP
+content type is :data:`CLOUDEVENTS_CONTENT_TYPE` (the bus sets it, infra/bus/codec.py), so a
+CloudEvents SDK reads it as is. Events an older producer published as ``application/json`` have
+the same body (without ``dataschema`` and ``traceparent``) and read the same here.
 
 ``data`` (:class:`StatusData`) carries ``sequence``: per job, strictly increasing across every
 publisher of that job (the ingress emits QUEUED with 0, the worker continues from 1). Consumers
@@ -37,6 +46,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from schemas.redact import redact_credentials
+from schemas.tracing import TraceParent, TraceParentField
 from schemas.jobs import (
     JOB_ID_PATTERN,
     BucketTrigger,
@@ -54,6 +64,14 @@ CLOUDEVENTS_SPEC_VERSION = "1.0"
 EVENT_TYPE_PREFIX = "io.cdtrain.job."
 # Content type of a structured-mode CloudEvent message (the AMQP content_type to publish with).
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
+
+# The schema of StatusData. Its version moves only with a change an older reader would misread
+# (a field removed, renamed or retyped); added optional fields keep it, since readers ignore
+# what they do not know. A URN, not a URL: every deployment serves the document at
+# STATUS_DATA_SCHEMA_PATH of its own ingress, with this URN as its ``$id``.
+STATUS_DATA_SCHEMA_VERSION = 1
+STATUS_DATA_SCHEMA = f"urn:cdtrain:schema:status-event-data:v{STATUS_DATA_SCHEMA_VERSION}"
+STATUS_DATA_SCHEMA_PATH = "/schemas/status-event-data.json"
 
 
 def event_type(state: JobState | str) -> str:
@@ -121,6 +139,10 @@ class StatusEvent(BaseModel):
     subject: str
     time: UtcDatetime = Field(default_factory=utc_now)
     datacontenttype: Literal["application/json"] = "application/json"
+    # Events of producers older than the field are read with it too: their data is version 1's.
+    dataschema: str = STATUS_DATA_SCHEMA
+    # CloudEvents distributed-tracing extension; None on events from before it (tolerant reader).
+    traceparent: TraceParentField = None
     data: StatusData
 
     @model_validator(mode="before")
@@ -171,6 +193,7 @@ class StatusEvent(BaseModel):
         trigger: BucketTrigger | None = None,
         time: Any = None,
         event_id: str | None = None,
+        traceparent: TraceParent | str | None = None,
     ) -> "StatusEvent":
         """Build a validated event; ``type``, ``subject``, ``id`` and ``time`` are filled in."""
         data = StatusData(
@@ -193,6 +216,8 @@ class StatusEvent(BaseModel):
             trigger=trigger,
         )
         envelope: dict[str, Any] = {"source": source, "data": data}
+        if traceparent is not None:
+            envelope["traceparent"] = str(traceparent)
         if time is not None:
             envelope["time"] = time
         if event_id is not None:
@@ -212,6 +237,7 @@ class StatusEvent(BaseModel):
             job_source=job.source,
             trigger=job.trigger,
             time=job.submitted_at,
+            traceparent=job.traceparent,
         )
 
     @property
@@ -237,3 +263,9 @@ class StatusEvent(BaseModel):
     @classmethod
     def from_json(cls, body: bytes | str) -> "StatusEvent":
         return cls.model_validate_json(body)
+
+
+def status_data_json_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of :class:`StatusData`, the document ``dataschema`` names."""
+    schema = StatusData.model_json_schema(mode="serialization")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": STATUS_DATA_SCHEMA, **schema}

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from schemas.redact import redact_credentials
+from schemas.tracing import TraceParentField
 from schemas.training import ConfigError, TrainConfig
 
 # A job id travels inside AMQP topic routing keys (``job.<id>.<state>``), so no dots, ``*`` or ``#``.
@@ -240,6 +241,8 @@ class TrainJob(BaseModel):
     submitted_at: UtcDatetime = Field(default_factory=utc_now)
     source: JobSource = "api"
     trigger: BucketTrigger | None = None
+    # The ingress's span of the submission (schemas/tracing.py); a worker's events continue it.
+    traceparent: TraceParentField = None
 
 
 class EpochMetrics(BaseModel):
@@ -294,4 +297,7 @@ class JobView(BaseModel):
     # The newest attempt whose request the broker confirmed (infra/views/merge.py rule 11); a
     # QUEUED view above it has a request that may not be in the queue, and is published again.
     accepted_attempt: int | None = None
+    # The job's trace: the span of its newest event that carried the request (the submission's,
+    # then its attempts'); a re-queued attempt continues it, so every attempt is in one trace.
+    traceparent: TraceParentField = None
     history: list[EpochMetrics] = Field(default_factory=list)

@@ -56,7 +56,7 @@ def save_model_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def build_model(config: TrainConfig) -> SNUNetCBAM:
-    return SNUNetCBAM(in_channels=3, base_channel=config.base_channel, use_attention=config.use_attention,
+    return SNUNetCBAM(in_channels=config.in_channels, base_channel=config.base_channel, use_attention=config.use_attention,
                       spatial_attention=config.spatial_attention, change_prior=config.change_prior)
 
 

@@ -13,7 +13,8 @@ from schemas.training import TrainConfig
 from .checkpoint import decision_threshold, model_from_checkpoint
 from .data.check import InvalidDatasetError, check_pairs
 from .data.dataset import EvalPairDataset, PairLoader
-from .data.layouts import list_split
+from .data.geotiff import ImageSpec
+from .data.splits import split_pairs
 from .runtime import Precision, select_device
 from .scoring import EvalSettings, evaluate_model
 
@@ -29,10 +30,14 @@ def evaluate_checkpoint(checkpoint: Path | str, data_root: Path | str, split: st
     model, config, state = model_from_checkpoint(checkpoint)
     protocol = settings or config
     torch_device = select_device(device or config.device)
-    report = check_pairs(list_split(data_root, split), split, label_threshold=protocol.label_threshold)
+    # The data's layout comes from the protocol (it describes the dataset); the bands and their
+    # scaling from the model (they describe what it was trained to see).
+    image_spec = ImageSpec.from_config(config)
+    plan = split_pairs(data_root, split, protocol)
+    report = check_pairs(plan.pairs, plan.split, label_threshold=protocol.label_threshold, image_spec=image_spec)
     if not report.valid or (not report.ok and not protocol.skip_invalid):
         raise InvalidDatasetError([report])
-    pairs = PairLoader(report.valid, label_threshold=protocol.label_threshold)
+    pairs = PairLoader(report.valid, label_threshold=protocol.label_threshold, image_spec=image_spec)
     loader = DataLoader(EvalPairDataset(pairs, config.normalize), batch_size=1)
     threshold = decision_threshold(state, config)
     metrics = evaluate_model(model.to(torch_device), loader, torch_device,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .panels import ValidationPanel
 
 RunStatus = Literal["completed", "early_stopped", "cancelled", "time_limit"]
 
@@ -100,6 +103,10 @@ class TrainResult:
     threshold: float | None = None  # decision threshold stored in the best checkpoint
     val_at_threshold: dict[str, float] | None = None  # validation metrics at that threshold
     extra: dict[str, Any] = field(default_factory=dict)
+    # The final model's pictures in numbers, by role ("val", and "test" when scored): "pr_curve"
+    # (thresholds.pr_curve_document, from the pass that chose the threshold) and "confusion"
+    # (thresholds.confusion_document, the counts behind the reported metrics at that threshold).
+    curves: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class TrainerHooks:
@@ -110,6 +117,10 @@ class TrainerHooks:
     def on_step_end(self, info: StepInfo) -> None: ...
 
     def on_epoch_end(self, info: EpochInfo) -> None: ...
+
+    def on_validation_panel(self, panel: "ValidationPanel") -> None:
+        """The panel tiles of the epoch just validated (config ``panel_tiles``), after
+        ``on_epoch_end``: the same tiles every epoch, their decision the one that was scored."""
 
     def on_checkpoint_saved(self, info: CheckpointInfo) -> None: ...
 
@@ -134,6 +145,10 @@ class HookList(TrainerHooks):
     def on_epoch_end(self, info: EpochInfo) -> None:
         for h in self.hooks:
             h.on_epoch_end(info)
+
+    def on_validation_panel(self, panel: "ValidationPanel") -> None:
+        for h in self.hooks:
+            h.on_validation_panel(panel)
 
     def on_checkpoint_saved(self, info: CheckpointInfo) -> None:
         for h in self.hooks:

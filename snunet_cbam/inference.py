@@ -51,6 +51,11 @@ def window_weight(window: int, blend: Blend, device: torch.device) -> torch.Tens
     return (w[:, None] * w[None, :]).view(1, 1, window, window).to(device)
 
 
+def forward_tta(model: nn.Module, a: torch.Tensor, b: torch.Tensor, tta: TTA) -> torch.Tensor:
+    """Logits of one batch of windows (or whole images), with the flips of ``tta`` averaged."""
+    return _forward(model, a, b, tta)
+
+
 def _forward(model: nn.Module, a: torch.Tensor, b: torch.Tensor, tta: TTA) -> torch.Tensor:
     if tta == "none":
         return model(a, b).float()

@@ -5,20 +5,31 @@ BCE alone lets the many unchanged pixels dominate; Dice scores the change class 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Sums a tensor over every process of a data-parallel run, with gradients (the global batch's sums).
+BatchSum = Callable[[torch.Tensor], torch.Tensor]
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                   batch_sum: BatchSum | None = None) -> torch.Tensor:
     """``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over the whole batch, p = sigmoid(logits).
 
-    Summing over the batch (not per image) keeps tiles without change from dividing by ~0.
+    Summing over the batch (not per image) keeps tiles without change from dividing by ~0. With
+    ``batch_sum`` (data parallel) the sums run over the global batch of every process, so the loss
+    is the single-process loss of that batch, not a mean of per-process Dice scores.
     """
     probs = torch.sigmoid(logits.float())
     target = target.float()
-    intersection = (probs * target).sum()
-    return 1.0 - (2.0 * intersection + smooth) / (probs.sum() + target.sum() + smooth)
+    sums = torch.stack([(probs * target).sum(), probs.sum(), target.sum()])
+    if batch_sum is not None:
+        sums = batch_sum(sums)
+    intersection, prob_sum, target_sum = sums.unbind()
+    return 1.0 - (2.0 * intersection + smooth) / (prob_sum + target_sum + smooth)
 
 
 class HybridLoss(nn.Module):
@@ -28,6 +39,7 @@ class HybridLoss(nn.Module):
         self.weight_bce = weight_bce
         self.weight_dice = weight_dice
         self.smooth = smooth
+        self.batch_sum: BatchSum | None = None  # set by data-parallel training (distributed.py)
         # A buffer so that .to(device) moves it with the module.
         self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor([pos_weight]))
 
@@ -38,5 +50,5 @@ class HybridLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=self.pos_weight)
             loss = loss + self.weight_bce * bce
         if self.weight_dice:
-            loss = loss + self.weight_dice * soft_dice_loss(logits, target, self.smooth)
+            loss = loss + self.weight_dice * soft_dice_loss(logits, target, self.smooth, self.batch_sum)
         return loss

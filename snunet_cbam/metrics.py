@@ -15,9 +15,15 @@ import torch
 METRIC_NAMES = ("f1", "iou", "precision", "recall", "accuracy")
 
 
+def change_mask(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The decision: change where the probability is above ``threshold``. Scoring and prediction
+    both use this, so a predicted map is the map that was scored."""
+    return torch.sigmoid(logits.float()) > threshold
+
+
 def confusion_counts(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """``[tp, fp, fn, tn]`` as an int64 tensor on the logits' device."""
-    pred = torch.sigmoid(logits.float()) > threshold
+    pred = change_mask(logits, threshold)
     truth = target > 0.5
     tp = (pred & truth).sum()
     fp = (pred & ~truth).sum()

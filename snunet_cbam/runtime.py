@@ -68,10 +68,19 @@ class Precision:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
 
-def should_compile(setting: str | bool, device: torch.device) -> bool:
-    """``auto`` compiles on CUDA only: a cold CPU compile costs minutes, worth it only for long runs."""
+# ``compile: auto`` compiles a CUDA run of at least this many optimiser steps. A cold compile of
+# the model costs 1.5-2 min on a GPU worker (docs/deploy.md); at the GPU goal (900 pairs/s, batch 8:
+# about 9 ms a step) compile saves at most a few ms a step, so it pays only past about 20k steps.
+# Shorter runs (tests, smoke runs, small datasets) start training at once.
+COMPILE_PAYS_AFTER_STEPS = 20_000
+
+
+def should_compile(setting: str | bool, device: torch.device, planned_steps: int) -> bool:
+    """``auto``: on CUDA, for runs long enough to pay for the compile; never on the CPU, where
+    compiling bought memory, not speed, in fp32, and turned bf16 losses into NaN
+    (docs/benchmarks.md). ``True``/``False`` force it."""
     if setting == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and planned_steps >= COMPILE_PAYS_AFTER_STEPS
     return bool(setting)
 
 
@@ -93,12 +102,13 @@ def usable_cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def resolve_num_workers(setting: int | str) -> int:
-    """DataLoader workers: an int as is; ``auto`` = usable cores - 1 (one left for the training
-    loop), between 0 and 8. More workers than cores only adds contention: 4 workers on 2 cores
-    warn and slow down."""
+def resolve_num_workers(setting: int | str, processes: int = 1) -> int:
+    """DataLoader workers of one training process: an int as is; ``auto`` = usable cores - 1 (one
+    left for the training loop), between 0 and 8. More workers than cores only adds contention: 4
+    workers on 2 cores warn and slow down. With ``processes`` training processes (data parallel)
+    each gets its share of the cores: cores // processes - 1."""
     if setting == "auto":
-        return max(0, min(MAX_AUTO_WORKERS, usable_cpu_count() - 1))
+        return max(0, min(MAX_AUTO_WORKERS, usable_cpu_count() // processes - 1))
     return int(setting)
 
 

@@ -64,3 +64,38 @@ class ProbabilityHistogram:
         k = int(torch.argmax(f1 - 1e-9 * distance))
         threshold = k / self.bins
         return TunedThreshold(threshold, self.counts_at(threshold))
+
+
+def pr_curve_document(histogram: ProbabilityHistogram, threshold: float) -> dict:
+    """The precision-recall curve of the histogram's pixels (one point per bin edge, as the
+    threshold tuning sees them) and the point of ``threshold``: JSON-ready, for the run's
+    artifacts. Precision with nothing predicted is 1.0, as in :mod:`metrics`."""
+    tp = histogram.change.flip(0).cumsum(0).flip(0).double().cpu()
+    fp = histogram.no_change.flip(0).cumsum(0).flip(0).double().cpu()
+    positives = float(histogram.change.sum())
+    fn = positives - tp
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.ones_like(tp))
+    recall = tp / positives if positives else torch.ones_like(tp)
+    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
+    chosen = histogram.counts_at(threshold)
+
+    def rounded(values: torch.Tensor) -> list[float]:
+        return [round(v, 6) for v in values.tolist()]
+
+    return {
+        "threshold": threshold,
+        "bins": histogram.bins,
+        "pixels": {"change": int(positives), "no_change": int(histogram.no_change.sum())},
+        "chosen": {"threshold": threshold, "precision": chosen.precision, "recall": chosen.recall, "f1": chosen.f1},
+        "curve": {"threshold": [k / histogram.bins for k in range(histogram.bins)], "precision": rounded(precision),
+                  "recall": rounded(recall), "f1": rounded(f1)},
+    }
+
+
+def confusion_document(metrics: ChangeMetrics, threshold: float) -> dict:
+    """The 2 x 2 confusion matrix (rows: truth no change / change; columns: prediction), as counts
+    and as shares of each true class."""
+    counts = [[metrics.tn, metrics.fp], [metrics.fn, metrics.tp]]
+    normalized = [[v / sum(row) if sum(row) else 0.0 for v in row] for row in counts]
+    return {"threshold": threshold, "labels": ["no change", "change"], "counts": counts, "normalized": normalized,
+            "tp": metrics.tp, "fp": metrics.fp, "fn": metrics.fn, "tn": metrics.tn, **metrics.as_dict()}

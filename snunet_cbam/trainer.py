@@ -34,7 +34,10 @@ from .data.dataset import (
     auto_crops_per_image,
     steps_per_epoch,
 )
-from .data.layouts import DatasetLayoutError, has_split, list_split
+from .data.geotiff import ImageSpec
+from .data.layouts import DatasetLayoutError
+from .data.splits import run_splits
+from .distributed import Session, start_session
 from .ema import WeightEma
 from .hooks import (
     CancelToken,
@@ -61,9 +64,9 @@ from .runtime import (
     use_channels_last,
 )
 from .schedules import ScheduleAnchor, build_scheduler
-from .scoring import EvalSettings, EvaluationStopped, evaluate_model
+from .scoring import EvalSettings, EvaluationStopped, PanelCapture, evaluate_model
 from .step import TrainStep
-from .thresholds import ProbabilityHistogram
+from .thresholds import ProbabilityHistogram, confusion_document, pr_curve_document
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +92,15 @@ def check_dataset(config: TrainConfig, data_root: Path | str, *,
     """Check every split the run will use; raise with the full report unless ``skip_invalid``
     (an image over ``max_image_pixels`` raises regardless: see data/check.py)."""
     data_root = Path(data_root)
-    roles = {"train": config.train_split, "val": config.val_split}
-    if config.test_split and has_split(data_root, config.test_split):
-        roles["test"] = config.test_split
-    reports = {role: check_pairs(list_split(data_root, split), split, label_threshold=config.label_threshold,
-                                 max_image_pixels=max_image_pixels)
-               for role, split in roles.items()}
+    planned = run_splits(data_root, config)
+    roles = {role: plan.split for role, plan in planned.items()}
+    if planned["val"].split != config.val_split:
+        log.info("the dataset has no split '%s': %d of the %s pairs are held out for validation (val_fraction %s)",
+                 config.val_split, len(planned["val"].pairs), config.train_split, config.val_fraction)
+    image_spec = ImageSpec.from_config(config)
+    reports = {role: check_pairs(plan.pairs, plan.split, label_threshold=config.label_threshold,
+                                 max_image_pixels=max_image_pixels, image_spec=image_spec)
+               for role, plan in planned.items()}
     bad = [r for r in reports.values() if not r.ok]
     if bad and not config.skip_invalid:
         raise InvalidDatasetError(bad)
@@ -118,8 +124,8 @@ def _split_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 def _should_cache(config: TrainConfig, report: DatasetReport) -> bool:
     if not config.cache_images:
         return False
-    # Two RGB images and one mask per pair, uint8.
-    estimate = sum(w * h * 7 for w, h in report.sizes.values()) / 2**30
+    # Two images of in_channels bytes per pixel (RGB: 3) and one mask per pair, uint8.
+    estimate = sum(w * h * (2 * config.in_channels + 1) for w, h in report.sizes.values()) / 2**30
     if estimate > config.cache_max_gb:
         log.info("not caching decoded images: %.1f GiB > cache_max_gb %.1f", estimate, config.cache_max_gb)
         return False
@@ -230,8 +236,16 @@ class _StopCondition:
     def __init__(self, cancel: CancelToken | None, time_limit_minutes: float | None) -> None:
         self.cancel = cancel
         self.deadline = None if time_limit_minutes is None else time.monotonic() + time_limit_minutes * 60
+        self.agreed: RunStatus | None = None  # the stop all ranks agreed on (data parallel)
+
+    def shared_reason(self, session: Session) -> RunStatus | None:
+        """Rank 0's decision, on every rank: data-parallel ranks stop at the same step."""
+        self.agreed = session.broadcast_stop(self.reason())
+        return self.agreed
 
     def reason(self) -> RunStatus | None:
+        if self.agreed is not None:
+            return self.agreed
         if self.cancel is not None and self.cancel.is_set():
             return "cancelled"
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -263,13 +277,30 @@ class Trainer:
         self.best_path = self.out_dir / BEST_CHECKPOINT
         self.last_path = self.out_dir / LAST_CHECKPOINT
         self.metrics_path = self.out_dir / METRICS_FILE
+        self.dist = Session()  # one process until fit starts a data-parallel run (gpus > 1)
 
     # --- the run --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train; with ``gpus: N`` this process is rank 0 of N (distributed.py), or the rank
+        torchrun made it."""
+        self.dist = start_session(self.config, (self.config, self.data_root, self.out_dir, {
+            "max_image_pixels": self.max_image_pixels}), resume)
+        ok = False
+        try:
+            result = self._fit(resume)
+            ok = True
+            return result
+        finally:
+            self.dist.close(ok)
+
+    def _fit(self, resume: bool) -> TrainResult:
         stop = _StopCondition(self.cancel, self.config.time_limit_minutes)
+        if not self.dist.is_main:
+            self.hooks = HookList()  # rank 0 alone talks to the outside world
         self.out_dir.mkdir(parents=True, exist_ok=True)
         run = self._set_up()
         progress = self._restore(run) if resume else self._start_fresh(run)
+        self.dist.seed_rank(self.config.seed, progress.global_step)
         self.hooks.on_run_start(RunStartInfo(
             config=self.config.model_dump(), device=str(run.device), precision=run.precision.name,
             compiled=run.train_step.compiled, parameters=count_parameters(run.model),
@@ -278,11 +309,14 @@ class Trainer:
             out_dir=self.out_dir, start_step=progress.global_step, history=tuple(progress.history),
         ))
 
+        self._curves: dict[str, dict[str, Any]] = {}  # filled by _finish
         status = self._train(run, progress, stop)
         threshold, test_metrics = None, None
-        if status in ("completed", "early_stopped") and self.best_path.exists():
+        if status in ("completed", "early_stopped"):
             try:
-                threshold, test_metrics = self._finish(run, stop)
+                # On rank 0, which wrote best.pt; the other ranks get its figures.
+                threshold, test_metrics = self.dist.on_main(
+                    lambda: self._finish(run, stop) if self.best_path.exists() else (None, None), stop)
             except EvaluationStopped:
                 # Training is over and checkpointed: a resumed run does only this end of the run.
                 status = stop.reason() or "cancelled"
@@ -292,6 +326,7 @@ class Trainer:
             history=progress.history, test=test_metrics, best_checkpoint=self.best_path,
             last_checkpoint=self.last_path, metrics_path=self.metrics_path,
             threshold=threshold["threshold"] if threshold else None, val_at_threshold=threshold,
+            curves=self._curves,
         )
         self.hooks.on_run_end(result)
         return result
@@ -300,17 +335,18 @@ class Trainer:
     def _set_up(self) -> _Run:
         cfg = self.config
         splits = check_dataset(cfg, self.data_root, max_image_pixels=self.max_image_pixels)
-        device = select_device(cfg.device)
+        device = self.dist.device or select_device(cfg.device)
         precision = Precision.choose(device, cfg.amp)
         seed_everything(cfg.seed)
         train_loader, sampler, eval_loaders, epoch_steps = self._loaders(splits, device)
 
-        model = build_model(cfg).to(device)
+        model = self.dist.prepare_model(build_model(cfg)).to(device)
         loss_fn = HybridLoss(cfg.weight_bce, cfg.weight_dice, cfg.pos_weight).to(device)
         optimizer = torch.optim.AdamW(_split_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
         channels_last = use_channels_last(cfg.channels_last, device, precision)
         train_step = TrainStep(model, loss_fn, optimizer, device, precision, channels_last,
-                               compile=should_compile(cfg.compile, device))
+                               compile=should_compile(cfg.compile, device, epoch_steps * cfg.epochs))
+        self.dist.wrap_step(train_step)
         ema = WeightEma(model, cfg.ema_decay) if cfg.ema_decay is not None else None
         return _Run(splits=splits, device=device, precision=precision, channels_last=channels_last,
                     train_loader=train_loader, sampler=sampler, eval_loaders=eval_loaders, epoch_steps=epoch_steps,
@@ -325,23 +361,30 @@ class Trainer:
             crops = auto_crops_per_image(list(train_report.sizes.values()), cfg.crop_size)
         # AugmentParams' fields are named as the config keys they come from.
         augmentation = PairedAugmentation(AugmentParams(**{f.name: getattr(cfg, f.name) for f in fields(AugmentParams)}))
-        pairs = PairLoader(train_report.valid, cache=_should_cache(cfg, train_report), label_threshold=cfg.label_threshold)
+        image_spec = ImageSpec.from_config(cfg)
+        pairs = PairLoader(train_report.valid, cache=_should_cache(cfg, train_report), label_threshold=cfg.label_threshold,
+                           image_spec=image_spec)
         train_set = TrainPairDataset(pairs, augmentation, cfg.normalize, crops, cfg.seed)
-        sampler = EpochShuffleSampler(len(train_set), cfg.seed)
-        workers = resolve_num_workers(cfg.num_workers)
+        # One permutation per epoch on every rank, each rank its shard (the whole set on one process).
+        sampler = EpochShuffleSampler(len(train_set), cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        if sampler.shard_length == 0:
+            raise DatasetLayoutError(f"{len(train_set)} training sample(s) cannot be shared by gpus: {cfg.gpus}")
+        workers = resolve_num_workers(cfg.num_workers, processes=self.dist.world_size)
         train_loader = DataLoader(
             train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-            drop_last=len(train_set) >= cfg.batch_size, pin_memory=device.type == "cuda",
+            drop_last=sampler.shard_length >= cfg.batch_size, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
         )
         # Validation runs every epoch: decode its images once, like the training images.
         eval_loaders = {
-            role: DataLoader(EvalPairDataset(PairLoader(report.valid, cache=role == "val" and _should_cache(cfg, report),
-                                                        label_threshold=cfg.label_threshold), cfg.normalize),
+            role: DataLoader(EvalPairDataset(PairLoader(report.valid, cache=role == "val" and self.dist.is_main
+                                                        and _should_cache(cfg, report),
+                                                        label_threshold=cfg.label_threshold, image_spec=image_spec),
+                                             cfg.normalize),
                              batch_size=1, num_workers=min(workers, 2), pin_memory=device.type == "cuda")
             for role, report in splits.reports.items() if role != "train"
         }
-        return train_loader, sampler, eval_loaders, steps_per_epoch(len(train_set), cfg.batch_size)
+        return train_loader, sampler, eval_loaders, steps_per_epoch(sampler.shard_length, cfg.batch_size)
 
     def _build_scheduler(self, run: _Run) -> None:
         cfg = self.config
@@ -396,12 +439,18 @@ class Trainer:
             train_metrics = self._train_epoch(run, progress, epoch, stop)
             if not isinstance(train_metrics, dict):
                 return self._save_stopped(run, progress, train_metrics)
+            panel = self._panel_capture(run) if self.dist.is_main else None
             try:
-                val_metrics = self._evaluate(run, "val", EvalSettings.from_config(self.config), cancel=stop)
+                # On rank 0 alone (whole images, the single-process figures); every rank gets them.
+                val_metrics = self.dist.on_main(lambda: self._evaluate(
+                    run, "val", EvalSettings.from_config(self.config), cancel=stop, on_prediction=panel), stop)
             except EvaluationStopped:
                 # Every step of the epoch is in the checkpoint: a resumed run only validates again.
                 return self._save_stopped(run, progress, stop.reason() or "cancelled")
             self._end_epoch(run, progress, epoch, train_metrics, val_metrics)
+            shown = panel.panel(epoch) if panel is not None else None
+            if shown is not None:
+                self.hooks.on_validation_panel(shown)
         return progress.finished
 
     def _train_epoch(self, run: _Run, progress: _Progress, epoch: int,
@@ -416,7 +465,7 @@ class Trainer:
         run.model.train()
         window = _StepWindow(run.device)
         for step, batch in enumerate(run.train_loader, start=progress.step_in_epoch + 1):
-            reason = stop.reason()
+            reason = stop.shared_reason(self.dist)
             if reason:
                 self._report_steps(run, progress, epoch, window)
                 return reason
@@ -429,8 +478,9 @@ class Trainer:
             progress.global_step += 1
             progress.step_in_epoch = step
 
-            counts = confusion_counts(logits, label, cfg.threshold)
-            progress.tally.add(loss, counts, a.shape[0])
+            # The global figures on every rank (data parallel): the tally a checkpoint holds is the epoch's.
+            loss, counts = self.dist.reduce_step(loss, confusion_counts(logits, label, cfg.threshold))
+            progress.tally.add(loss, counts, a.shape[0] * self.dist.world_size)
             window.add(loss, counts, lr)
             if step % cfg.log_every_steps == 0 or step == run.epoch_steps:
                 self._report_steps(run, progress, epoch, window)
@@ -456,10 +506,17 @@ class Trainer:
         ))
 
     def _evaluate(self, run: _Run, role: str, settings: EvalSettings, histogram: ProbabilityHistogram | None = None,
-                  *, cancel: CancelToken | None = None) -> dict[str, float]:
+                  *, cancel: CancelToken | None = None, on_prediction: PanelCapture | None = None) -> dict[str, float]:
         return evaluate_model(run.eval_model, run.eval_loaders[role], run.device, settings, precision=run.precision,
                               loss_fn=run.loss_fn, channels_last=run.channels_last, histogram=histogram,
-                              cancel=cancel)
+                              on_prediction=on_prediction, cancel=cancel)
+
+    def _panel_capture(self, run: _Run) -> PanelCapture | None:
+        """Collects the epoch's panel tiles from the validation pass itself (``panel_tiles``)."""
+        if not self.config.panel_tiles:
+            return None
+        pairs = run.eval_loaders["val"].dataset.loader  # decoded (and cached) images, as displayed
+        return PanelCapture(len(pairs), self.config.panel_tiles, lambda index: pairs[index][:2])
 
     def _end_epoch(self, run: _Run, progress: _Progress, epoch: int, train_metrics: dict[str, float],
                    val_metrics: dict[str, float]) -> None:
@@ -522,6 +579,8 @@ class Trainer:
         return state
 
     def _save(self, run: _Run, kind: Literal["best", "last"], state: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return  # rank 0 writes the run's files
         path = self.best_path if kind == "best" else self.last_path
         save_checkpoint(path, state)
         self.hooks.on_checkpoint_saved(CheckpointInfo(
@@ -546,13 +605,18 @@ class Trainer:
         cfg = self.config
         best_state = load_checkpoint(self.best_path, map_location="cpu")
         run.eval_model.load_state_dict(eval_weights(best_state))
+        # The histogram of this pass also draws the precision-recall curve (TrainResult.curves).
+        histogram = ProbabilityHistogram(run.device)
         if cfg.tune_threshold:
-            histogram = ProbabilityHistogram(run.device)
             self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), histogram, cancel=stop)
-            threshold = histogram.best().as_dict()
+            tuned = histogram.best()
+            threshold, val_counts = tuned.as_dict(), tuned.metrics
         else:
-            val = self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), cancel=stop)
+            val = self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), histogram, cancel=stop)
             threshold = {"threshold": cfg.threshold, **{k: val[k] for k in METRIC_NAMES}}
+            val_counts = ChangeMetrics(val["tp"], val["fp"], val["fn"], val["tn"])
+        self._curves["val"] = {"pr_curve": pr_curve_document(histogram, threshold["threshold"]),
+                               "confusion": confusion_document(val_counts, threshold["threshold"])}
         best_state["threshold"] = threshold["threshold"]
         save_checkpoint(self.best_path, best_state)
         log.info("decision threshold %.3f: validation F1 %.4f", threshold["threshold"], threshold["f1"])
@@ -560,11 +624,17 @@ class Trainer:
         test_metrics = None
         if "test" in run.eval_loaders:
             self.hooks.on_test_start(len(run.splits.valid("test")))
+            test_histogram = ProbabilityHistogram(run.device)
             test_metrics = self._evaluate(run, "test", EvalSettings.from_config(
-                cfg, tta=True, threshold=threshold["threshold"]), cancel=stop)
+                cfg, tta=True, threshold=threshold["threshold"]), test_histogram, cancel=stop)
+            test_counts = ChangeMetrics(test_metrics["tp"], test_metrics["fp"], test_metrics["fn"], test_metrics["tn"])
+            self._curves["test"] = {"pr_curve": pr_curve_document(test_histogram, threshold["threshold"]),
+                                    "confusion": confusion_document(test_counts, threshold["threshold"])}
         return threshold, test_metrics
 
     def _write_metrics(self, progress: _Progress, threshold: dict | None, test: dict | None) -> None:
+        if not self.dist.is_main:
+            return
         document: dict[str, Any] = {"best": progress.best if progress.best["epoch"] else None,
                                     "history": progress.history}
         if threshold is not None:

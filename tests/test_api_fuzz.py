@@ -45,7 +45,7 @@ from infra.objects import S3Settings
 from infra.views import MongoJobViewStore, Projector
 from ingress.main import run_ingress
 from ingress.settings import IngressSettings
-from schemas.events import CLOUDEVENTS_CONTENT_TYPE, StatusEvent
+from schemas.events import StatusEvent
 from schemas.jobs import BucketTrigger, JobState, TrainJob, TrainRequest
 from schemas.topology import Topology
 from tests.fixtures.rabbit import delete_topology
@@ -97,8 +97,7 @@ class StandInWorker:
     async def play(self, job_id: str) -> None:
         for event in lifecycle(job_id):
             await asyncio.sleep(STEP_S)
-            await self.bus.publish_status(event, event.routing_key, message_id=event.id,
-                                          content_type=CLOUDEVENTS_CONTENT_TYPE)
+            await self.bus.publish_status(event, event.routing_key, message_id=event.id)
         self.played += 1
 
     async def close(self) -> None:

@@ -94,7 +94,7 @@ class RecordingTracker:
         self.failed: list[tuple[str, str]] = []
         self.detached: list[str] = []
 
-    def start_run(self, job: TrainJob, config: Any, attempt: int) -> str:
+    def start_run(self, job: TrainJob, config: Any, attempt: int, dataset: Any = None) -> str:
         self.started.append(job.job_id)
         return f"run-{job.job_id}"
 
@@ -527,7 +527,7 @@ async def test_a_job_past_its_deadline_is_stopped_by_its_worker_and_ends_failed(
 
 # --- wiring -----------------------------------------------------------------------------------------------
 def test_the_worker_gets_the_view_store_in_every_deployment() -> None:
-    from tests.test_deploy import compose_environment, compose_services, k8s_container_env, k8s_deployments
+    from tests.test_deploy import compose_environment, compose_services, k8s_container_env, k8s_workloads
 
     assert compose_environment(compose_services()["worker"])["CDTRAIN_MONGODB_URL"].startswith("mongodb://")
-    assert k8s_container_env(k8s_deployments()["cdtrain-worker"])["CDTRAIN_MONGODB_URL"].startswith("mongodb://")
+    assert k8s_container_env(k8s_workloads()["cdtrain-worker"])["CDTRAIN_MONGODB_URL"].startswith("mongodb://")

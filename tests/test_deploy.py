@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
+import functools
 import http.server
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from importlib import metadata
@@ -33,6 +36,7 @@ from infra.objects.models import S3Settings
 from ingress.settings import ENV_VARS, IngressSettings
 from schemas.jobs import JobState
 from schemas.topology import Topology
+from tests import kustomize_lite
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -41,6 +45,7 @@ K8S = DEPLOY / "k8s"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 SECRETS_EXAMPLE = K8S / "secrets.env.example"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 # CDTRAIN_* variables read outside ingress/settings.py's ENV_VARS table:
@@ -59,6 +64,9 @@ NON_INGRESS_CDTRAIN_VARS = {
     "CDTRAIN_STEP_STALL_S",       # watchdog: time without a training step before a job is re-queued
     "CDTRAIN_JOB_DEADLINE_S",     # watchdog: default deadline of a job (train request: deadline_s)
     "CDTRAIN_WORKER_CONFIG",      # YAML overrides applied to every job on a worker
+    "CDTRAIN_WORKER_MAX_JOBS",    # a worker exits after this many jobs (one Kubernetes Job per request)
+    "CDTRAIN_WORKER_IDLE_EXIT_S",  # ... and after this long without a job
+    "CDTRAIN_METRICS_PORT",       # the worker's and projector's Prometheus port
     "CDTRAIN_ALLOW_LOCAL_PATHS",  # let jobs read file:// datasets
     # a worker's limits on a job's dataset and config, and its dataset cache's bound (consumer/limits.py)
     "CDTRAIN_MAX_ARCHIVE_BYTES", "CDTRAIN_MAX_EXTRACTED_BYTES", "CDTRAIN_MAX_ARCHIVE_MEMBERS",
@@ -80,10 +88,11 @@ COMPOSE_COMMANDS = {
     "projector": ["cdtrain", "serve", "--role", "projector"],
     "worker": ["cdtrain", "serve", "--role", "consumer"],
 }
+# On Kubernetes a worker is a Job that takes one request and exits (KEDA's ScaledJob).
 K8S_COMMANDS = {
     "cdtrain-ingress": INGRESS_COMMAND,
     "cdtrain-projector": COMPOSE_COMMANDS["projector"],
-    "cdtrain-worker": COMPOSE_COMMANDS["worker"],
+    "cdtrain-worker": [*COMPOSE_COMMANDS["worker"], "--max-jobs", "1"],
 }
 # Image each role's container must use: the ingress image has no torch.
 INGRESS_DOCKERFILE = "deploy/docker/Dockerfile.ingress"
@@ -269,49 +278,92 @@ def project_requirements() -> dict[str, Requirement]:
     return {canonicalize_name(r.name): r for r in reqs}
 
 
-def k8s_kustomization() -> dict[str, Any]:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def locked_version(name: str) -> str:
+    """The exact version requirements.lock pins (pyproject.toml gives only a range)."""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        locked, sep, version = line.partition("==")
+        if sep and canonicalize_name(locked) == canonicalize_name(name):
+            return version.strip()
+    raise AssertionError(f"requirements.lock does not pin {name}")
 
 
-def k8s_objects() -> list[dict[str, Any]]:
-    objects = []
-    for name in k8s_kustomization()["resources"]:
-        objects += load_docs(K8S / name)
-    return objects
+def k8s_kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
 
 
-def k8s_one(kind: str, name: str) -> dict[str, Any]:
-    found = [o for o in k8s_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+@functools.cache
+def _rendered(overlay: str) -> str:
+    """The overlay as `kustomize build` renders it (tests/kustomize_lite.py), with the Secret
+    generated from the template (the real secrets.env is git-ignored)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "k8s"
+        shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secrets.env"))
+        shutil.copy(SECRETS_EXAMPLE, tree / "overlays" / overlay / "secrets.env")
+        return yaml.safe_dump_all(kustomize_lite.build(tree / "overlays" / overlay))
+
+
+def k8s_objects(overlay: str = "prod") -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all(_rendered(overlay)))  # a fresh copy: tests may change it
+
+
+def k8s_one(kind: str, name: str, overlay: str = "prod") -> dict[str, Any]:
+    found = [o for o in k8s_objects(overlay) if o["kind"] == kind and o["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
 
 
-def k8s_deployments() -> dict[str, dict[str, Any]]:
-    return {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == "Deployment"}
+def pod_template(workload: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of a Deployment or of KEDA's ScaledJob (a Job per request)."""
+    if workload["kind"] == "ScaledJob":
+        return workload["spec"]["jobTargetRef"]["template"]
+    return workload["spec"]["template"]
 
 
-def k8s_configmap() -> dict[str, str]:
-    return {k: str(v) for k, v in k8s_one("ConfigMap", "cdtrain-config")["data"].items()}
+def k8s_workloads(overlay: str = "prod") -> dict[str, dict[str, Any]]:
+    """Everything that runs pods of ours, by name: the Deployments and the worker's ScaledJob."""
+    return {o["metadata"]["name"]: o for o in k8s_objects(overlay) if o["kind"] in ("Deployment", "ScaledJob")}
 
 
-def k8s_container_env(deployment: dict[str, Any]) -> dict[str, str]:
+def k8s_deployments(overlay: str = "prod") -> dict[str, dict[str, Any]]:
+    return {n: o for n, o in k8s_workloads(overlay).items() if o["kind"] == "Deployment"}
+
+
+def k8s_configmap(overlay: str = "prod") -> dict[str, str]:
+    return {k: str(v) for k, v in k8s_one("ConfigMap", "cdtrain-config", overlay)["data"].items()}
+
+
+def k8s_container_env(workload: dict[str, Any], overlay: str = "prod") -> dict[str, str]:
     """What the container's environment holds: ConfigMap and Secret (envFrom), then env."""
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (container,) = pod_template(workload)["spec"]["containers"]
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
             assert source["configMapRef"]["name"] == "cdtrain-config"
-            env.update(k8s_configmap())
+            env.update(k8s_configmap(overlay))
         if "secretRef" in source:
             assert source["secretRef"]["name"] == secret_name()
-            env.update(read_env_file(SECRETS_EXAMPLE))
+            secret = k8s_one("Secret", secret_name(), overlay)
+            env.update({k: base64.b64decode(v).decode() for k, v in secret["data"].items()})
     env.update({item["name"]: str(item.get("value", "")) for item in container.get("env", [])})
     return env
 
 
 def secret_name() -> str:
-    (generator,) = k8s_kustomization()["secretGenerator"]
-    return generator["name"]
+    names = set()
+    for overlay in OVERLAYS:
+        (generator,) = k8s_kustomization(K8S / "overlays" / overlay)["secretGenerator"]
+        names.add(generator["name"])
+    (name,) = names
+    return name
+
+
+def quantity_bytes(text: str | int) -> int:
+    """A Kubernetes memory or storage quantity (binary or decimal suffix) in bytes."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(text))
+    assert match, f"not a quantity: {text!r}"
+    units = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(match[1]) * units[match[2]]
 
 
 def image_of_container(image: str) -> str:
@@ -367,7 +419,8 @@ def test_deploy_tree_has_the_expected_files() -> None:
     expected = [
         "compose.yaml", ".env.example", "docker/Dockerfile.ingress", "docker/Dockerfile.worker",
         "docker/Dockerfile.mlflow", "docker/ingress-requirements.txt", "docker/healthcheck.py",
-        "rabbitmq/20-cdtrain.conf", "minio/init.sh", "k8s/kustomization.yaml", "k8s/secrets.env.example",
+        "rabbitmq/20-cdtrain.conf", "minio/init.sh", "k8s/base/kustomization.yaml", "k8s/overlays/dev/kustomization.yaml",
+        "k8s/overlays/prod/kustomization.yaml", "k8s/secrets.env.example",
     ]
     missing = [name for name in expected if not (DEPLOY / name).is_file()]
     assert not missing
@@ -379,7 +432,15 @@ def test_yaml_parses(path: Path) -> None:
     docs = load_docs(path)
     assert docs, f"{path} holds no document"
     for doc in docs:
+        if path in _json_patch_files():  # a list of JSON 6902 operations
+            assert isinstance(doc, list) and all({"op", "path"} <= set(op) for op in doc), path
+            continue
         assert isinstance(doc, dict), f"{path}: a document is a {type(doc).__name__}, not a mapping"
+
+
+def _json_patch_files() -> set[Path]:
+    return {K8S / "overlays" / overlay / patch["path"] for overlay in OVERLAYS
+            for patch in k8s_kustomization(K8S / "overlays" / overlay).get("patches", []) if "path" in patch}
 
 
 # --- compose --------------------------------------------------------------------------------------
@@ -531,59 +592,240 @@ def test_compose_rabbitmq_keeps_the_default_consumer_timeout() -> None:
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
+# The manifests are checked as `kubectl apply -k deploy/k8s/overlays/<env>` would send them: each
+# overlay rendered (tests/kustomize_lite.py; compared with kustomize itself where kubectl is
+# installed), then every object validated against the Kubernetes schemas and, for KEDA's and the
+# Prometheus operator's kinds, against their CRDs' schemas (tests/k8s_crds/).
 
-def test_kustomization_lists_every_manifest() -> None:
-    listed = set(k8s_kustomization()["resources"])
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == on_disk
-    (generator,) = k8s_kustomization()["secretGenerator"]
-    assert generator["envs"] == ["secrets.env"] and SECRETS_EXAMPLE.is_file()
-    assert k8s_kustomization()["generatorOptions"]["disableNameSuffixHash"] is True  # KEDA refers to it by name
-    namespaces = [o["metadata"]["name"] for o in k8s_objects() if o["kind"] == "Namespace"]
-    assert namespaces == [k8s_kustomization()["namespace"]]
+K8S_BASE = K8S / "base"
+CRD_SCHEMAS = ROOT / "tests" / "k8s_crds"
+# The oldest Kubernetes the manifests are meant for, and the newest kubernetes-validate knows.
+K8S_VERSIONS = ["1.30.0", "1.37.0"]
+
+
+def test_kustomize_base_and_overlays_use_every_file() -> None:
+    base = k8s_kustomization(K8S_BASE)
+    assert set(base["resources"]) == {p.name for p in K8S_BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert "secretGenerator" not in base, "each environment generates its own Secret"
+    assert not list(K8S.glob("*.yaml")), "manifests belong in base/ or an overlay"
+    assert OVERLAYS == ["dev", "prod"]
+    for overlay in OVERLAYS:
+        directory = K8S / "overlays" / overlay
+        kustomization = k8s_kustomization(directory)
+        assert "../../base" in kustomization["resources"]
+        used = {r for r in kustomization["resources"] if not r.startswith("..")}
+        used |= {p["path"] for p in kustomization.get("patches", []) if "path" in p}
+        assert used == {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}, overlay
+        (generator,) = kustomization["secretGenerator"]
+        assert generator["envs"] == ["secrets.env"] and SECRETS_EXAMPLE.is_file()
+        assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # KEDA refers to it by name
+        objects = k8s_objects(overlay)
+        assert [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"] == [base["namespace"]]
+        assert all(o["metadata"]["namespace"] == base["namespace"] for o in objects if o["kind"] != "Namespace")
+        for name, workload in k8s_workloads(overlay).items():
+            for container in pod_template(workload)["spec"]["containers"]:
+                assert re.fullmatch(r"registry\.example\.com/cdtrain/(ingress|worker):[\w.-]+", container["image"]), name
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/k8s/overlays/prod/secrets.env"], cwd=ROOT)
+    assert ignored.returncode == 0, "filled-in secrets must be git-ignored"
+
+
+def _kustomize_command() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@pytest.mark.skipif(_kustomize_command() is None, reason="neither kustomize nor kubectl is installed")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_renderer_agrees_with_kustomize(overlay: str, tmp_path: Path) -> None:
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("secrets.env"))
+    shutil.copy(SECRETS_EXAMPLE, tmp_path / "k8s" / "overlays" / overlay / "secrets.env")
+    command = _kustomize_command()
+    assert command is not None
+    out = subprocess.run([*command, str(tmp_path / "k8s" / "overlays" / overlay)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+
+    def keyed(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        for obj in objects:  # kustomize folds long base64 values; the bytes are what count
+            if obj["kind"] == "Secret":
+                obj["data"] = {k: base64.b64decode(v) for k, v in obj["data"].items()}
+        return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    ours, theirs = keyed(k8s_objects(overlay)), keyed(list(yaml.safe_load_all(out.stdout)))
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+
+
+def test_the_renderer_applies_patches_and_images_as_kustomize(tmp_path: Path) -> None:
+    """The renderer's own rules, on a small tree (the comparison above covers what deploy/k8s uses)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [app.yaml]\n")
+    (tmp_path / "base" / "app.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "a"},
+        "spec": {"replicas": 2, "template": {"spec": {"containers": [
+            {"name": "x", "image": "localhost:5000/x:old"}, {"name": "y", "image": "y@sha256:00"}]}}}}))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["base"], "namespace": "ns",
+        "images": [{"name": "localhost:5000/x", "newTag": "new"}, {"name": "y", "newName": "r/y", "newTag": "1"}],
+        "patches": [{"target": {"kind": "Deployment", "name": "a"}, "patch": yaml.safe_dump([
+            {"op": "test", "path": "/spec/replicas", "value": 2},
+            {"op": "replace", "path": "/spec/replicas", "value": 1},
+            {"op": "add", "path": "/metadata/annotations", "value": {"a/b": "c"}},
+            {"op": "add", "path": "/spec/template/spec/containers/-", "value": {"name": "z", "image": "z"}},
+            {"op": "remove", "path": "/metadata/annotations/a~1b"}])}]}))
+    (obj,) = kustomize_lite.build(tmp_path)
+    assert obj["metadata"] == {"name": "a", "namespace": "ns", "annotations": {}}
+    assert obj["spec"]["replicas"] == 1
+    assert [c["image"] for c in obj["spec"]["template"]["spec"]["containers"]] == ["localhost:5000/x:new", "r/y:1", "z"]
+
+    failing = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    failing["patches"][0]["target"]["name"] = "nothing"
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(failing))
+    with pytest.raises(ValueError, match="matches nothing"):
+        kustomize_lite.build(tmp_path)
+    failing["patches"][0]["target"]["name"] = "a"
+    failing["replicas"] = [{"name": "a", "count": 3}]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(failing))
+    with pytest.raises(kustomize_lite.Unsupported):
+        kustomize_lite.build(tmp_path)
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD schema that refuses unknown fields: the API server would drop them without a word
+    (pruning), and a mistyped field is then silently not set."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def _crd_validators() -> dict[tuple[str, str, str], Any]:
+    import jsonschema
+
+    validators = {}
+    for path in CRD_SCHEMAS.glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        schema = _strict(crd["openAPIV3Schema"])
+        schema["properties"]["metadata"] = {"type": "object"}  # checked by the API server, not the CRD
+        validators[(crd["group"], crd["version"], crd["kind"])] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+def _schema_errors(obj: dict[str, Any], version: str) -> list[str]:
+    import kubernetes_validate
+
+    group, _, api_version = obj["apiVersion"].rpartition("/")
+    validator = _crd_validators().get((group, api_version, obj["kind"]))
+    if validator is not None:
+        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'/'.join(map(str, exc.path))}: {exc.message}"]
+    return []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_object_is_valid_against_its_schema(overlay: str, version: str) -> None:
+    assert {("keda.sh", "v1alpha1", "ScaledJob"), ("keda.sh", "v1alpha1", "TriggerAuthentication"),
+            ("monitoring.coreos.com", "v1", "ServiceMonitor")} <= set(_crd_validators())
+    errors = {}
+    for obj in k8s_objects(overlay):
+        found = _schema_errors(obj, version)
+        if obj["kind"] == "ScaledJob":
+            # The Job each request gets, against Kubernetes's own (strict) Job schema as well.
+            job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "cdtrain-worker-x"},
+                   "spec": obj["spec"]["jobTargetRef"]}
+            found += _schema_errors(job, version)
+        if found:
+            errors[f"{obj['kind']}/{obj['metadata']['name']}"] = found
+    assert not errors
+
+
+def test_schema_validation_catches_a_mistyped_field() -> None:
+    worker = k8s_one("ScaledJob", "cdtrain-worker")
+    worker["spec"]["maxReplicaCout"] = 4
+    assert any("maxReplicaCout" in e for e in _schema_errors(worker, K8S_VERSIONS[0]))
+    worker = k8s_one("ScaledJob", "cdtrain-worker")
+    worker["spec"]["scalingStrategy"]["strategy"] = "fastest"
+    assert _schema_errors(worker, K8S_VERSIONS[0])
+    projector = k8s_deployments()["cdtrain-projector"]
+    pod_template(projector)["spec"]["containers"][0]["resources"]["limit"] = {"cpu": "1"}
+    assert _schema_errors(projector, K8S_VERSIONS[0])
 
 
 def test_k8s_cdtrain_variables_are_read_by_the_service() -> None:
     sources = {"configmap.yaml": k8s_configmap(), "secrets.env.example": read_env_file(SECRETS_EXAMPLE)}
-    for name, deployment in k8s_deployments().items():
-        (container,) = deployment["spec"]["template"]["spec"]["containers"]
-        sources[name] = {item["name"]: item.get("value") for item in container.get("env", [])}
+    for overlay in OVERLAYS:
+        for name, workload in k8s_workloads(overlay).items():
+            (container,) = pod_template(workload)["spec"]["containers"]
+            sources[f"{overlay}/{name}"] = {item["name"]: item.get("value") for item in container.get("env", [])}
     for source, env in sources.items():
         unknown = {k for k in env if k.startswith("CDTRAIN_")} - KNOWN_CDTRAIN_VARS
         assert not unknown, f"{source} sets variables nothing reads: {sorted(unknown)}"
 
 
-def test_k8s_settings_build_for_every_role() -> None:
-    for name, deployment in k8s_deployments().items():
-        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_settings_build_for_every_role(overlay: str) -> None:
+    from cdtrain.cli import build_parser
+
+    workloads = k8s_workloads(overlay)
+    assert set(workloads) == set(K8S_COMMANDS)
+    for name, workload in workloads.items():
+        (container,) = pod_template(workload)["spec"]["containers"]
+        assert container["args"] == K8S_COMMANDS[name], name
         env = dockerfile_env(final_stage(dockerfile(image_of_container(container["image"]))))
-        env.update(k8s_container_env(deployment))
+        env.update(k8s_container_env(workload, overlay))
         settings = ServiceSettings.from_env(env)
         assert settings.ingress.bus.url.startswith("amqp://"), name
         assert settings.ingress.view_store_url.startswith("mongodb://"), name
         assert settings.ingress.local_objects_dir is None, f"{name} would use a local object store"
         assert settings.mlflow_tracking_uri.startswith("http"), name
-        assert container["args"] == K8S_COMMANDS[name], name
+        if container["args"][:2] == ["cdtrain", "serve"]:
+            args = build_parser().parse_args(container["args"][1:])  # the command line parses
+            assert args.role in ROLES
+    worker = workloads["cdtrain-worker"]
+    settings = ServiceSettings.from_env(k8s_container_env(worker, overlay))
+    assert settings.worker_idle_exit is not None and settings.worker_idle_exit > worker["spec"]["pollingInterval"]
 
 
-def test_k8s_deployments_have_probes_resources_and_run_as_non_root() -> None:
-    deployments = k8s_deployments()
-    assert set(deployments) == set(K8S_COMMANDS)
-    for name, deployment in deployments.items():
-        pod = deployment["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True, name
-        (container,) = pod["containers"]
-        resources = container["resources"]
-        assert {"cpu", "memory"} <= set(resources["requests"]), f"{name}: requests"
-        assert "memory" in resources["limits"], f"{name}: memory limit"
-        assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
-        # With a read-only root filesystem the data dir `cdtrain serve` creates must be a volume.
-        if container["securityContext"].get("readOnlyRootFilesystem"):
+def test_k8s_pods_run_as_non_root_with_resources_and_a_writable_data_dir() -> None:
+    for overlay in OVERLAYS:
+        for name, workload in k8s_workloads(overlay).items():
+            pod = pod_template(workload)["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+            (container,) = pod["containers"]
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), f"{name}: requests"
+            assert "memory" in resources["limits"], f"{name}: memory limit"
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            # With a read-only root filesystem the data dir `cdtrain serve` creates must be a volume.
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
             image = final_stage(dockerfile(image_of_container(container["image"])))
-            env = dockerfile_env(image) | k8s_container_env(deployment)
+            env = dockerfile_env(image) | k8s_container_env(workload, overlay)
             data_dir = PurePosixPath(dockerfile_workdir(image)) / env.get("CDTRAIN_DATA_DIR", ".cdtrain")
             mounts = [PurePosixPath(m["mountPath"]) for m in container.get("volumeMounts", [])]
             assert any(data_dir == m or m in data_dir.parents for m in mounts), f"{name}: {data_dir} is read-only"
+
+
+def test_k8s_every_pod_uses_the_service_account_without_a_token() -> None:
+    for overlay in OVERLAYS:
+        account = k8s_one("ServiceAccount", "cdtrain", overlay)
+        assert account["automountServiceAccountToken"] is False
+        for name, workload in k8s_workloads(overlay).items():
+            pod = pod_template(workload)["spec"]
+            assert pod["serviceAccountName"] == "cdtrain", name
+            assert pod["automountServiceAccountToken"] is False, name
 
 
 def test_k8s_ingress_probes_and_service() -> None:
@@ -603,66 +845,195 @@ def test_k8s_ingress_probes_and_service() -> None:
     service = k8s_one("Service", "cdtrain-ingress")
     assert service["spec"]["selector"] == ingress["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # dev runs one ingress: its disruption budget must still let a node drain.
+    assert k8s_deployments("dev")["cdtrain-ingress"]["spec"]["replicas"] == 1
+    assert k8s_one("PodDisruptionBudget", "cdtrain-ingress", "dev")["spec"] == {
+        "maxUnavailable": 1, "selector": ingress["spec"]["selector"]}
 
 
 def test_k8s_projector_is_a_single_ordered_consumer() -> None:
-    projector = k8s_deployments()["cdtrain-projector"]
-    assert projector["spec"]["replicas"] == 1
-    assert projector["spec"]["strategy"]["type"] == "Recreate"
+    for overlay in OVERLAYS:
+        projector = k8s_deployments(overlay)["cdtrain-projector"]
+        assert projector["spec"]["replicas"] == 1
+        assert projector["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_k8s_worker_requests_a_gpu_and_time_to_stop() -> None:
-    deployments = k8s_deployments()
-    worker = deployments["cdtrain-worker"]
-    assert "replicas" not in worker["spec"], "KEDA owns the worker's replica count"
-    pod = worker["spec"]["template"]["spec"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_worker_is_a_one_job_gpu_pod_with_time_to_stop(overlay: str) -> None:
+    workloads = k8s_workloads(overlay)
+    worker = workloads["cdtrain-worker"]
+    assert worker["kind"] == "ScaledJob" and worker["apiVersion"] == "keda.sh/v1alpha1"
+    job = worker["spec"]["jobTargetRef"]
+    pod = job["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["args"][-2:] == ["--max-jobs", "1"]
+    # A failed pod's request is back in the queue or re-queued by the watchdog: KEDA starts a new
+    # Job for it; a retry of the same Job would only compete with that one.
+    assert pod["restartPolicy"] == "Never" and job["backoffLimit"] == 0
+    assert job.get("activeDeadlineSeconds", float("inf")) > ServiceSettings.model_fields["job_deadline"].default
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert pod["terminationGracePeriodSeconds"] >= worker_stop_timeout_s() + 60
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-    assert k8s_container_env(worker)["CDTRAIN_DATA_DIR"] in mounts
-    assert worker["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # a surge pod needs a spare GPU
-    for name, other in deployments.items():
+    # The dataset cache lives on the data volume, bounded below its size (runs, checkpoints and
+    # compile caches share it).
+    env = k8s_container_env(worker, overlay)
+    data = volumes[mounts[env["CDTRAIN_DATA_DIR"]]]
+    size = quantity_bytes(data["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"]["storage"])
+    assert int(env["CDTRAIN_CACHE_MAX_BYTES"]) <= 0.8 * size
+    # Updating the ScaledJob never deletes a training Job.
+    assert worker["spec"]["rollout"]["strategy"] == "gradual"
+    for name, other in workloads.items():
         if name != "cdtrain-worker":
-            (c,) = other["spec"]["template"]["spec"]["containers"]
+            (c,) = pod_template(other)["spec"]["containers"]
             assert "nvidia.com/gpu" not in str(c["resources"]), f"{name} must not take a GPU"
 
 
-def test_keda_scales_the_worker_on_the_topology_queue_and_active_jobs() -> None:
-    scaled = k8s_one("ScaledObject", "cdtrain-worker")["spec"]
-    assert scaled["scaleTargetRef"]["name"] == "cdtrain-worker" and scaled["scaleTargetRef"]["kind"] == "Deployment"
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gpu_count_is_the_overlays_patch_point(overlay: str, tmp_path: Path) -> None:
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("secrets.env"))
+    directory = tmp_path / "k8s" / "overlays" / overlay
+    shutil.copy(SECRETS_EXAMPLE, directory / "secrets.env")
+    (patch,) = [p for p in k8s_kustomization(directory)["patches"] if p.get("path") == "gpus.yaml"]
+    assert patch["target"]["kind"] == "ScaledJob"
+    operations = yaml.safe_load((directory / "gpus.yaml").read_text())
+    operations[0]["value"] = 2
+    (directory / "gpus.yaml").write_text(yaml.safe_dump(operations))
+    (worker,) = [o for o in kustomize_lite.build(directory) if o["kind"] == "ScaledJob"]
+    (container,) = pod_template(worker)["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_starts_a_job_per_waiting_request_of_the_topology_queue(overlay: str) -> None:
+    objects = k8s_objects(overlay)
+    assert not [o for o in objects if o["kind"] == "ScaledObject"], "a scale-down would stop busy workers"
+    scaled = k8s_one("ScaledJob", "cdtrain-worker", overlay)["spec"]
     assert scaled["minReplicaCount"] == 0 and scaled["maxReplicaCount"] >= 1
-    triggers = {t["type"]: t for t in scaled["triggers"]}
-    assert set(triggers) == {"rabbitmq", "mongodb"}
-    for trigger in triggers.values():  # KEDA's CRD: metadata values are strings
-        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["type"]
-
-    configmap = k8s_configmap()
-    rabbit = triggers["rabbitmq"]["metadata"]
-    topology = Topology(prefix=configmap.get("CDTRAIN_TOPOLOGY_PREFIX", Topology().prefix))
+    # Early ack: the queue counts only waiting requests; "accurate" does not subtract the running
+    # Jobs from them (the default strategy would, and start no Job while others train).
+    assert scaled["scalingStrategy"]["strategy"] == "accurate"
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert all(isinstance(v, str) for v in trigger["metadata"].values())  # KEDA's CRD: strings
+    rabbit = trigger["metadata"]
+    topology = Topology(prefix=k8s_configmap(overlay).get("CDTRAIN_TOPOLOGY_PREFIX", Topology().prefix))
     assert rabbit["queueName"] == topology.requests_queue.name == Topology().requests_queue.name
-    assert rabbit["mode"] == "QueueLength" and rabbit["value"] == "1"
+    assert rabbit["mode"] == "QueueLength" and rabbit["value"] == "1" and rabbit["protocol"] == "amqp"
+    auths = {o["metadata"]["name"]: o for o in objects if o["kind"] == "TriggerAuthentication"}
+    (ref,) = auths[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]
+    assert (ref["parameter"], ref["name"], ref["key"]) == ("host", secret_name(), "CDTRAIN_BUS_URL")
+    assert ref["key"] in k8s_one("Secret", secret_name(), overlay)["data"]
 
-    # Running jobs have been acked (early ack): only the job views know a worker is still needed.
-    mongo = triggers["mongodb"]["metadata"]
-    from infra.views.mongo import DEFAULT_COLLECTION
 
-    assert mongo["dbName"] == configmap["CDTRAIN_MONGODB_DATABASE"]
-    assert mongo["collection"] == DEFAULT_COLLECTION
-    query = yaml.safe_load(mongo["query"])
-    assert set(query["state"]["$in"]) == {s.value for s in JobState if not s.is_terminal}
+# NetworkPolicy semantics, for the subset the manifests use: pod selectors by labels, peers by
+# namespace labels, ports by number or container-port name.
 
-    auths = {o["metadata"]["name"]: o for o in k8s_objects() if o["kind"] == "TriggerAuthentication"}
-    secrets = read_env_file(SECRETS_EXAMPLE)
-    expected = {"rabbitmq": ("host", "CDTRAIN_BUS_URL"), "mongodb": ("connectionString", "CDTRAIN_MONGODB_URL")}
-    for kind, (parameter, key) in expected.items():
-        auth = auths[triggers[kind]["authenticationRef"]["name"]]
-        (ref,) = auth["spec"]["secretTargetRef"]
-        assert (ref["parameter"], ref["name"], ref["key"]) == (parameter, secret_name(), key)
-        assert key in secrets
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if set(selector) - {"matchLabels", "matchExpressions"}:
+        raise AssertionError(f"unsupported selector {selector}")
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _port_matches(rule_port: dict[str, Any], port: int, protocol: str, container_ports: dict[str, int]) -> bool:
+    number = rule_port.get("port")
+    number = container_ports.get(number, number) if isinstance(number, str) else number
+    return rule_port.get("protocol", "TCP") == protocol and (number is None or number == port)
+
+
+def _peer_matches(peers: list[dict[str, Any]] | None, namespace_labels: dict[str, str]) -> bool:
+    if not peers:
+        return True  # no `to`/`from`: everywhere
+    for peer in peers:
+        assert set(peer) <= {"namespaceSelector"}, f"unsupported peer {peer}"
+        if _selects(peer["namespaceSelector"], namespace_labels):
+            return True
+    return False
+
+
+def _allowed(overlay: str, workload: str, direction: str, namespace: str, port: int, protocol: str = "TCP") -> bool:
+    template = pod_template(k8s_workloads(overlay)[workload])
+    labels = template["metadata"]["labels"]
+    container_ports = {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    policies = [o["spec"] for o in k8s_objects(overlay) if o["kind"] == "NetworkPolicy"]
+    selecting = [p for p in policies if _selects(p["podSelector"], labels) and direction in p["policyTypes"]]
+    assert selecting, f"no {direction} policy selects {workload}: everything would be allowed"
+    key, peers = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    # A named port in an ingress rule is one of the selected pod's own container ports.
+    names = container_ports if direction == "Ingress" else {}
+    for policy in selecting:
+        for rule in policy.get(key, []):
+            if (_peer_matches(rule.get(peers), {"kubernetes.io/metadata.name": namespace})
+                    and any(_port_matches(p, port, protocol, names) for p in rule.get("ports") or [{}])):
+                return True
+    return False
+
+
+def _in_cluster_endpoint(url: str) -> tuple[str, int]:
+    """(namespace, port) of a <service>.<namespace>.svc[.cluster.local] URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    assert re.fullmatch(r"[a-z0-9-]+\.[a-z0-9-]+\.svc(\.cluster\.local)?", host), url
+    default = {"amqp": 5672, "amqps": 5671, "mongodb": 27017, "http": 80, "https": 443}[parts.scheme]
+    return host.split(".")[1], parts.port or default
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_lets_each_role_reach_only_what_it_needs(overlay: str) -> None:
+    policies = [o for o in k8s_objects(overlay) if o["kind"] == "NetworkPolicy"]
+    assert any(p["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]} for p in policies), \
+        "a default deny for the namespace"
+    env = k8s_container_env(k8s_workloads(overlay)["cdtrain-worker"], overlay)
+    services = {"RabbitMQ": env["CDTRAIN_BUS_URL"], "MongoDB": env["CDTRAIN_MONGODB_URL"],
+                "S3": env["CDTRAIN_S3_ENDPOINT_URL"], "MLflow": env["MLFLOW_TRACKING_URI"]}
+    endpoints = {name: _in_cluster_endpoint(url) for name, url in services.items()}
+    needs = {"cdtrain-ingress": {"RabbitMQ", "MongoDB", "S3"}, "cdtrain-projector": {"RabbitMQ", "MongoDB", "S3"},
+             "cdtrain-worker": {"RabbitMQ", "MongoDB", "S3", "MLflow"}}
+    for workload, needed in needs.items():
+        for name, (namespace, port) in endpoints.items():
+            assert _allowed(overlay, workload, "Egress", namespace, port) == (name in needed), (workload, name)
+        assert _allowed(overlay, workload, "Egress", "kube-system", 53, "UDP"), f"{workload}: DNS"
+        assert not _allowed(overlay, workload, "Egress", "elsewhere", 443), workload
+    # In: the ingress on its HTTP port from anywhere, nothing else; metrics from the monitoring namespace.
+    http = int(k8s_configmap(overlay)["CDTRAIN_PORT"])
+    assert _allowed(overlay, "cdtrain-ingress", "Ingress", "ingress-nginx", http)
+    assert not _allowed(overlay, "cdtrain-ingress", "Ingress", "ingress-nginx", http + 1)
+    for workload in ("cdtrain-worker", "cdtrain-projector"):
+        assert _allowed(overlay, workload, "Ingress", "monitoring", 9100), workload
+        assert not _allowed(overlay, workload, "Ingress", "default", 9100), workload
+        assert not _allowed(overlay, workload, "Ingress", "monitoring", http), workload
+
+
+def test_worker_and_projector_name_their_metrics_port() -> None:
+    for overlay in OVERLAYS:
+        for name in ("cdtrain-worker", "cdtrain-projector"):
+            workload = k8s_workloads(overlay)[name]
+            (container,) = pod_template(workload)["spec"]["containers"]
+            port = ServiceSettings.from_env(k8s_container_env(workload, overlay)).metrics_port
+            assert {"name": "metrics", "containerPort": port} in container["ports"], name
+
+
+def test_service_monitor_scrapes_the_ingress_metrics() -> None:
+    monitor = k8s_one("ServiceMonitor", "cdtrain-ingress", "prod")["spec"]
+    service = k8s_one("Service", "cdtrain-ingress", "prod")
+    assert _selects(monitor["selector"], service["metadata"]["labels"])
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # Services of ours that the selector would also pick: none.
+    others = [o for o in k8s_objects("prod") if o["kind"] == "Service" and o["metadata"]["name"] != "cdtrain-ingress"
+              and _selects(monitor["selector"], o["metadata"].get("labels", {}))]
+    assert not others
 
 
 # --- images ---------------------------------------------------------------------------------------
@@ -671,9 +1042,7 @@ DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 
 
 def test_dockerfiles_pin_torch_as_pyproject() -> None:
-    reqs = project_requirements()
-    torch_pin = str(reqs["torch"].specifier).removeprefix("==")
-    vision_pin = str(reqs["torchvision"].specifier).removeprefix("==")
+    torch_pin, vision_pin = locked_version("torch"), locked_version("torchvision")
     worker = run_text(dockerfile(WORKER_DOCKERFILE))
     assert pinned(worker, "torch") == {torch_pin}
     assert pinned(worker, "torchvision") == {vision_pin}
@@ -691,7 +1060,7 @@ def test_worker_base_image_matches_the_torch_cuda_build() -> None:
     args = dockerfile_args(dockerfile(WORKER_DOCKERFILE))
     match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d+\.\d+", args["CUDA_IMAGE"])
     assert match, args["CUDA_IMAGE"]
-    pin = str(project_requirements()["torch"].specifier).removeprefix("==")
+    pin = locked_version("torch")
     installed = metadata.version("torch").split("+")[0]  # make setup installs the pinned build
     assert installed == pin, f"installed torch {installed} is not the pinned {pin}: run make setup"
     requires = metadata.requires("torch") or []
@@ -892,16 +1261,66 @@ def test_cdtrain_serve_starts_without_the_ml_packages() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_projector_image_has_what_the_projector_imports() -> None:
-    """The projector runs from the worker image because its watchdog imports consumer.worker (torch).
-    If that import goes away, it may move to the small ingress image; until then it must not."""
-    result = python_blocking(["torch", "torchvision"], "import consumer.roles, consumer.watchdog")
-    needs_torch = result.returncode != 0
-    images = {compose_services()["projector"]["build"]["dockerfile"],
-              image_of_container(k8s_deployments()["cdtrain-projector"]["spec"]["template"]["spec"]
-                                 ["containers"][0]["image"])}
-    if needs_torch:
-        assert images == {WORKER_DOCKERFILE}
+def test_projector_runs_from_the_ingress_image() -> None:
+    """Nothing on the projector's path imports torch, so it runs from the small ingress image."""
+    images = {compose_services()["projector"]["build"]["dockerfile"]}
+    images |= {image_of_container(pod_template(k8s_deployments(o)["cdtrain-projector"])["spec"]["containers"][0]
+                                  ["image"]) for o in OVERLAYS}
+    assert images == {INGRESS_DOCKERFILE}
+    result = python_blocking(_hidden_from_the_ingress_image(),
+                             "import cdtrain.cli, cdtrain.serve, consumer.roles, consumer.watchdog")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+async def test_projector_command_projects_with_only_the_ingress_images_packages(
+        tmp_path: Path, amqp_url: str, mongodb_url: str, mongo_view_store: Any) -> None:
+    """`cdtrain serve --role projector` with every package the ingress image lacks hidden, on the
+    real RabbitMQ and MongoDB protocol: it projects a status event into the views and stops on
+    SIGTERM with status 0."""
+    import asyncio
+    import os
+    import signal
+    import time
+    import uuid
+
+    from infra.bus import BusSettings
+    from infra.bus.rabbit import RabbitBus
+    from schemas import StatusEvent, TrainJob, TrainRequest
+    from tests.fixtures.rabbit import TEST_SETTINGS, delete_topology
+
+    topology = Topology(prefix=f"test-{uuid.uuid4().hex[:12]}")
+    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in _hidden_from_the_ingress_image())
+    code = prelude + "from cdtrain.cli import main\nsys.exit(main(['serve', '--role', 'projector']))\n"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "CDTRAIN_DATA_DIR": str(tmp_path / "data"), "CDTRAIN_BUS_URL": amqp_url,
+           "CDTRAIN_TOPOLOGY_PREFIX": topology.prefix, "CDTRAIN_MONGODB_URL": mongodb_url,
+           "CDTRAIN_MONGODB_DATABASE": mongo_view_store.collection.database.name, "CDTRAIN_LOG_LEVEL": "INFO"}
+    log = tmp_path / "projector.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    bus = RabbitBus(BusSettings(url=amqp_url, **TEST_SETTINGS), topology)
+    try:
+        deadline = time.monotonic() + 60
+        while "projector consuming status events" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            await asyncio.sleep(0.2)
+        await bus.connect()
+        job = TrainJob(request=TrainRequest(dataset_uri="s3://datasets/d/"))
+        queued = StatusEvent.queued(job, source="/test/ingress")
+        await bus.publish_status(queued, queued.routing_key)
+        while (view := await mongo_view_store.get(job.job_id)) is None:
+            assert time.monotonic() < deadline + 30, log.read_text(errors="replace")[-3000:]
+            await asyncio.sleep(0.2)
+        assert view.state is JobState.QUEUED
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        await bus.close()
+        await delete_topology(amqp_url, topology)
 
 
 def test_mlflow_server_and_client_versions_match() -> None:

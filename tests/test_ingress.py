@@ -145,12 +145,11 @@ class FlakyBus(MessageBus):
         return await self.inner.publish_request(payload, message_id=message_id, headers=headers)
 
     async def publish_status(self, payload: BaseModel, routing_key: str, *, message_id: str | None = None,
-                             headers: Mapping[str, Any] | None = None, content_type: str | None = None) -> str:
+                             headers: Mapping[str, Any] | None = None) -> str:
         if self.fail_status > 0:
             self.fail_status -= 1
             raise BusUnavailable("flaky: status not confirmed", retry_after=0.05)
-        return await self.inner.publish_status(payload, routing_key, message_id=message_id, headers=headers,
-                                               content_type=content_type)
+        return await self.inner.publish_status(payload, routing_key, message_id=message_id, headers=headers)
 
     async def consume_requests(self, handler: Handler[Any], *, model: type[Any] | None = None,
                                prefetch: int = 1) -> Subscription:

@@ -132,7 +132,7 @@ def test_every_route_is_documented(document: dict[str, Any], tmp_path: Path) -> 
     documented = {(method, path) for path, method, _ in operations(document)}
     assert served == documented, (f"served, not documented: {sorted(served - documented)}; "
                                   f"documented, not served: {sorted(documented - served)}")
-    assert {"/openapi.json", "/docs", "/train/{job_id}/events"} <= {path for _, path in served}
+    assert {"/openapi.json", "/docs", "/metrics", "/train/{job_id}/events"} <= {path for _, path in served}
 
 
 def test_train_request_schema_is_the_models(document: dict[str, Any]) -> None:
@@ -192,8 +192,12 @@ def test_list_parameters_and_job_id(document: dict[str, Any]) -> None:
     for path in ("/train/{job_id}", "/train/{job_id}/events"):
         (job_id,) = document["paths"][path]["parameters"]
         assert job_id["name"] == "job_id" and job_id["in"] == "path" and job_id["required"] is True
-    # POST /train reads its idempotency key from the body, not from a header.
-    assert "parameters" not in document["paths"]["/train"]["post"]
+    # POST /train reads its idempotency key from the body, not from a header; its one header
+    # parameter is the optional trace context, which the answers return.
+    post = document["paths"]["/train"]["post"]
+    assert [(p["name"], p["in"], p["required"]) for p in post["parameters"]] == [("traceparent", "header", False)]
+    assert {code: "traceparent" in post["responses"][code]["headers"] for code in ("200", "202")} == {
+        "200": True, "202": True}
 
 
 def test_sse_events_are_described_by_their_models(document: dict[str, Any]) -> None:
@@ -278,7 +282,8 @@ async def test_every_get_answers_head_without_a_body(client: TestClient) -> None
                 head = await http.head(url, headers=AUTH)
                 assert head.status == 200, path
                 assert head.content_type == ("text/event-stream" if path.endswith("/events") else
-                                             "text/html" if path == "/docs" else "application/json"), path
+                                             "text/html" if path == "/docs" else
+                                             "text/plain" if path == "/metrics" else "application/json"), path
                 assert await head.read() == b"", path
                 healthz = await http.get(str(client.make_url("/healthz")))  # the same connection, still sound
                 assert healthz.status == 200 and await healthz.json() == {"status": "ok"}

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from schemas import JobState, StatusEvent, TrainJob, TrainRequest
 from schemas.jobs import ATTEMPT_STRIDE
 from snunet_cbam.synthetic import make_synthetic_dataset
 from schemas.topology import Topology
-from tests.fixtures.rabbit import TEST_SETTINGS, delete_topology
+from tests.fixtures.rabbit import TEST_SETTINGS
 
 pytestmark = pytest.mark.slow
 
@@ -101,11 +100,8 @@ class Service:
 
 
 @pytest.fixture
-async def topology(amqp_url: str) -> AsyncIterator[Topology]:
-    # The workers' own topology (default delivery limit): a process reads only the prefix.
-    topology = Topology(prefix=f"test-{uuid.uuid4().hex[:12]}")
-    yield topology
-    await delete_topology(amqp_url, topology)
+def topology(service_topology: Topology) -> Topology:
+    return service_topology
 
 
 @pytest.fixture

@@ -753,3 +753,50 @@ async def test_a_job_is_created_once_and_its_confirm_only_moves_forward(view_sto
         await view_store.apply(event)
     view = await view_store.get("once")
     assert view.state == JobState.SUCCEEDED and view.accepted_attempt == 2
+
+
+async def test_a_store_that_guesses_a_move_wrongly_still_keeps_step_at(mongo_view_store: MongoJobViewStore) -> None:
+    """The Mongo store tries the rule-8 filter that its own last write for the job suggests; when
+    another writer has moved the view since, the guess is wrong and must cost a round trip only."""
+    this, other = mongo_view_store, MongoJobViewStore(mongo_view_store.collection)
+
+    def ev(seq: int, state: str, **kw: object) -> StatusEvent:
+        return StatusEvent.for_job("guess", seq, state, source=WORKER, time=T0, **kw)
+
+    async def step_at() -> datetime:
+        return (await this.get("guess")).step_at
+
+    assert await this.apply(ev(1, "running", phase="training", step=10))
+    await asyncio.sleep(0.005)
+    assert await other.apply(ev(2, "running", phase="training", step=11))  # moved by the other writer
+    moved_at = await step_at()
+    await asyncio.sleep(0.005)
+    assert await this.apply(ev(3, "running", phase="training", step=11))  # guesses a move: there is none
+    assert await step_at() == moved_at
+    await asyncio.sleep(0.005)
+    assert await other.apply(ev(4, "queued"))  # phase None: the null case of the filters
+    queued_at = await step_at()
+    assert queued_at > moved_at
+    await asyncio.sleep(0.005)
+    assert await this.apply(ev(5, "queued"))
+    assert await step_at() == queued_at
+    await asyncio.sleep(0.005)
+    assert await other.apply(ev(6, "running", phase="training", step=3))  # resumed from an earlier step
+    resumed_at = await step_at()
+    await asyncio.sleep(0.005)
+    assert await this.apply(ev(7, "running", phase="training", step=4))  # a real move, guessed as one
+    assert await step_at() > resumed_at
+    view = await this.get("guess")
+    assert (view.last_sequence, view.state, view.step) == (7, JobState.RUNNING, 4)
+
+
+async def test_many_confirms_are_recorded_in_one_call_by_rule_11(view_store: JobViewStore) -> None:
+    for job_id in ("a", "b", "c", "d"):
+        await view_store.apply(queued(job_id))
+    assert await view_store.mark_accepted("c", 3)
+    assert await view_store.mark_accepted_many({"a": 0, "b": 1, "c": 2, "d": 0, "nobody": 0}) == 3
+    attempts = {job_id: (await view_store.get(job_id)).accepted_attempt for job_id in "abcd"}
+    assert attempts == {"a": 0, "b": 1, "c": 3, "d": 0}  # c keeps its newer record
+    assert await view_store.get("nobody") is None  # never created by a record
+    assert await view_store.mark_accepted_many({"a": 0, "b": 0}) == 0  # only raised
+    assert await view_store.mark_accepted_many({}) == 0

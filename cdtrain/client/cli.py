@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(submit, "submit")
 
     status = subparsers.add_parser("status", help="show one job of the service")
-    status.add_argument("job_id", metavar="JOB_ID")
+    status.add_argument("job_id", metavar="JOB_ID", help="the job's id (from submit or list)")
     status.add_argument("--json", action="store_true", help="print the job view as JSON")
     _common(status, "status")
 
@@ -60,11 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(jobs, "list")
 
     watch = subparsers.add_parser("watch", help="follow a job live until it ends (exit 0 if it succeeded)")
-    watch.add_argument("job_id", metavar="JOB_ID")
+    watch.add_argument("job_id", metavar="JOB_ID", help="the job's id (from submit or list)")
     _common(watch, "watch")
 
     cancel = subparsers.add_parser("cancel", help="cancel a queued or running job (it ends CANCELLED)")
-    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("job_id", metavar="JOB_ID", help="the job's id (from submit or list)")
     cancel.add_argument("--json", action="store_true", help="print the service's answer as JSON")
     _common(cancel, "cancel")
 

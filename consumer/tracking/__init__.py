@@ -4,7 +4,10 @@ Everything takes an ``mlflow.MlflowClient`` built by the caller; nothing here re
 URI from the environment or uses MLflow's fluent (global) API. See ``docs/mlflow.md``.
 """
 
-from .hooks import CONFIG_ARTIFACT, METRICS_ARTIFACT, MlflowHooks, TrackingHealth, config_params, yaml_scalar
+from snunet_cbam.mlflow_run import DatasetLineage, local_dataset_lineage, log_dataset_input
+
+from .hooks import (CONFIG_ARTIFACT, CURVES_DIR, METRICS_ARTIFACT, PANELS_DIR, MlflowHooks, TrackingHealth,
+                    config_params, curve_artifacts, panel_artifact, yaml_scalar)
 from .model import (CHECKPOINT_ARTIFACT, ChangeDetectionModule, LoggedModelInfo, default_input_example,
                     log_best_model, log_checkpoint)
 from .promotion import (DEFAULT_PROMOTION_MARGIN, PromotionJudge, SplitScore, all_change_f1, fetch_checkpoint,
@@ -14,9 +17,11 @@ from .registry import (PRODUCTION, STAGING, Champion, RegistrationResult, Verdic
 from .runs import ensure_experiment, mlflow_run_status, start_job_run
 
 __all__ = [
-    "CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "DEFAULT_PROMOTION_MARGIN", "METRICS_ARTIFACT", "PRODUCTION", "STAGING",
-    "ChangeDetectionModule", "Champion", "LoggedModelInfo", "MlflowHooks", "PromotionJudge", "RegistrationResult",
-    "SplitScore", "TrackingHealth", "Verdict", "all_change_f1", "config_params", "default_input_example",
-    "ensure_experiment", "fetch_checkpoint", "find_logged_model", "log_best_model", "log_checkpoint",
-    "mlflow_run_status", "register_and_promote", "start_job_run", "validation_scorer", "yaml_scalar",
+    "CHECKPOINT_ARTIFACT", "CONFIG_ARTIFACT", "CURVES_DIR", "Champion", "ChangeDetectionModule",
+    "DEFAULT_PROMOTION_MARGIN", "DatasetLineage", "LoggedModelInfo", "METRICS_ARTIFACT", "MlflowHooks",
+    "PANELS_DIR", "PRODUCTION", "PromotionJudge", "RegistrationResult", "STAGING", "SplitScore",
+    "TrackingHealth", "Verdict", "all_change_f1", "config_params", "curve_artifacts", "default_input_example",
+    "ensure_experiment", "fetch_checkpoint", "find_logged_model", "local_dataset_lineage", "log_best_model",
+    "log_checkpoint", "log_dataset_input", "mlflow_run_status", "panel_artifact", "register_and_promote",
+    "start_job_run", "validation_scorer", "yaml_scalar",
 ]

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from consumer.dataset_fetch import FetchedDataset
 from consumer.worker import RegisteredModel
 from schemas import TrainConfig, TrainJob
 from schemas.redact import redact_credentials
 from snunet_cbam.hooks import TrainResult
+from snunet_cbam.mlflow_run import DatasetLineage, log_dataset_input
 
 from .hooks import MlflowHooks
 from .model import DIGEST_TAG, checkpoint_digest, log_best_model
@@ -22,6 +24,13 @@ from .runs import FAILURE_TAG, ensure_experiment, mlflow_run_status, start_job_r
 
 log = logging.getLogger(__name__)
 
+
+
+def fetched_lineage(dataset_uri: str, fetched: FetchedDataset) -> DatasetLineage:
+    """A fetched dataset's lineage: its URI (credentials masked) and its ETag key."""
+    source = redact_credentials(dataset_uri)
+    name = source.rstrip("/").rsplit("/", 1)[-1] or source
+    return DatasetLineage(name=name, source=source, key=fetched.etag_key, files=fetched.files, bytes=fetched.bytes)
 
 
 class MlflowJobTracker:
@@ -40,11 +49,16 @@ class MlflowJobTracker:
     def ensure_experiment(self) -> str:
         return ensure_experiment(self.client, self.experiment, self.artifact_location)
 
-    def start_run(self, job: TrainJob, config: TrainConfig, attempt: int) -> str:
+    def start_run(self, job: TrainJob, config: TrainConfig, attempt: int,
+                  dataset: FetchedDataset | None = None) -> str:
+        """The job's run; ``dataset`` (what was fetched) becomes its input, digest = its ETag key:
+        a later attempt on the same content adds nothing, one on changed content adds the new one."""
         self.ensure_experiment()
         run_id, _ = start_job_run(self.client, self.experiment, job_id=job.job_id,
                                   dataset_uri=job.request.dataset_uri, source=job.source,
                                   tags={"attempt": str(attempt), "model_name": job.request.model_name})
+        if dataset is not None:
+            log_dataset_input(self.client, run_id, fetched_lineage(job.request.dataset_uri, dataset))
         return run_id
 
     def hooks(self, run_id: str) -> MlflowHooks:

@@ -3,7 +3,9 @@
 SNUNet-CBAM's ``forward(a, b)`` takes two images, MLflow's pyfunc one input, so the logged module
 is :class:`ChangeDetectionModule`: one float32 tensor ``(N, 6, H, W)`` holding the two dates' RGB
 stacked on the channel axis (A then B), raw 0-255 values; the training normalisation is inside
-the module. It returns change probabilities ``(N, 1, H, W)`` (or logits, ``output="logits"``).
+the module. A model trained on C bands (config key ``bands``) takes ``(N, 2C, H, W)``: the
+selected bands of each date, already scaled to 0-255 as training scaled them. It returns change
+probabilities ``(N, 1, H, W)`` (or logits, ``output="logits"``).
 
 Format: MLflow 3's default PyTorch format, ``pt2`` (``torch.export``). It loads with no pickle and
 without this repository's code. The export is dynamic in N, H and W (any H, W >= 16): the module
@@ -42,17 +44,16 @@ from mlflow.types import Schema, TensorSpec
 from torch import nn
 
 from schemas.training import TrainConfig
-from snunet_cbam.checkpoint import (decision_threshold, eval_weights, load_checkpoint, model_from_checkpoint,
-                                   save_model_checkpoint)
-from snunet_cbam.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from snunet_cbam.checkpoint import decision_threshold, eval_weights, load_checkpoint, model_from_checkpoint
+from snunet_cbam.data.dataset import normalisation
+
+from snunet_cbam.mlflow_run import CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, log_checkpoint  # noqa: F401 - re-exported
 
 from .hooks import config_params
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "snunet-cbam-change-detection"
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/best.pt"  # run artifact: the checkpoint a logged model came from
 DIGEST_TAG = "checkpoint_digest"  # logged-model tag: checkpoint_digest() of the checkpoint it was built from
 MIN_SIDE = 16  # the padding is a reflection, which needs the side to exceed the pad (<= 15)
 _MULTIPLE = 16  # four 2x poolings
@@ -63,20 +64,22 @@ class ChangeDetectionModule(nn.Module):
     """One-input wrapper: ``(N, 6, H, W)`` raw RGB A|B (0-255) -> ``(N, 1, H, W)`` change."""
 
     def __init__(self, model: nn.Module, normalize: str = "imagenet",
-                 output: Literal["probability", "logits"] = "probability") -> None:
+                 output: Literal["probability", "logits"] = "probability", channels: int = 3) -> None:
         super().__init__()
         if output not in ("probability", "logits"):
             raise ValueError("output must be 'probability' or 'logits'")
         if normalize == "imagenet":
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            mean, std = normalisation(channels)
         elif normalize == "none":
-            mean, std = np.zeros(3, np.float32), np.full(3, 255.0, np.float32)
+            mean, std = np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
         else:
             raise ValueError(f"unknown normalisation {normalize!r}")
         self.model = model
         self.output = output
-        self.register_buffer("mean", torch.tensor(np.concatenate([mean, mean]), dtype=torch.float32).view(1, 6, 1, 1))
-        self.register_buffer("std", torch.tensor(np.concatenate([std, std]), dtype=torch.float32).view(1, 6, 1, 1))
+        self.channels = channels  # per date
+        both = 2 * channels
+        self.register_buffer("mean", torch.tensor(np.concatenate([mean, mean]), dtype=torch.float32).view(1, both, 1, 1))
+        self.register_buffer("std", torch.tensor(np.concatenate([std, std]), dtype=torch.float32).view(1, both, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
@@ -86,7 +89,7 @@ class ChangeDetectionModule(nn.Module):
         pad_h = (height + _MULTIPLE - 1) // _MULTIPLE * _MULTIPLE - height
         pad_w = (width + _MULTIPLE - 1) // _MULTIPLE * _MULTIPLE - width
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        logits = self.model(x[:, :3], x[:, 3:])[..., :height, :width]
+        logits = self.model(x[:, : self.channels], x[:, self.channels :])[..., :height, :width]
         return torch.sigmoid(logits) if self.output == "probability" else logits
 
 
@@ -103,18 +106,6 @@ class LoggedModelInfo:
     epoch: int | None
     seconds: float
     checkpoint_artifact: str = CHECKPOINT_ARTIFACT  # the checkpoint, as an artifact of ``run_id``
-
-
-def log_checkpoint(client: MlflowClient, run_id: str, checkpoint: Path | str | dict[str, Any]) -> str:
-    """Upload the checkpoint's model (weights, config, threshold; no optimiser state) as
-    ``checkpoint/best.pt`` of ``run_id``; returns that artifact path. ``checkpoint``: a path, or
-    a checkpoint already loaded (no second read)."""
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location="cpu")
-    with tempfile.TemporaryDirectory(prefix="cdtrain-ckpt-") as tmp:
-        staged = Path(tmp) / CHECKPOINT_ARTIFACT.rsplit("/", 1)[1]
-        save_model_checkpoint(state, staged)
-        client.log_artifact(run_id, str(staged), CHECKPOINT_DIR)
-    return CHECKPOINT_ARTIFACT
 
 
 def checkpoint_digest(checkpoint: Path | str | dict[str, Any]) -> str:
@@ -134,11 +125,11 @@ def checkpoint_digest(checkpoint: Path | str | dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def default_input_example(size: int = 64, seed: int = 0) -> np.ndarray:
-    """A small deterministic ``(1, 6, size, size)`` float32 example of raw 0-255 values
+def default_input_example(size: int = 64, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """A small deterministic ``(1, 2 * channels, size, size)`` float32 example of raw 0-255 values
     (integers, so its JSON stays short)."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(1, 6, size, size)).astype(np.float32)
+    return rng.integers(0, 256, size=(1, 2 * channels, size, size)).astype(np.float32)
 
 
 @contextlib.contextmanager
@@ -172,7 +163,7 @@ def _check_saved(path: Path, module: ChangeDetectionModule, example: np.ndarray)
     got = loaded.predict(example)
     if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
         raise RuntimeError("the exported model does not reproduce the checkpoint at the example size")
-    odd = default_input_example(seed=1).repeat(_CHECK_SHAPE[0], axis=0)[..., : _CHECK_SHAPE[2], : _CHECK_SHAPE[3]]
+    odd = default_input_example(seed=1, channels=module.channels).repeat(_CHECK_SHAPE[0], axis=0)[..., : _CHECK_SHAPE[2], : _CHECK_SHAPE[3]]
     odd = np.ascontiguousarray(odd)
     try:
         got = loaded.predict(odd)
@@ -201,14 +192,17 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: Path | st
 
     started = time.monotonic()
     model, config, state = model_from_checkpoint(checkpoint_path, map_location="cpu")
-    module = ChangeDetectionModule(model, normalize=config.normalize, output=output).eval()
-    example = default_input_example() if input_example is None else np.ascontiguousarray(input_example, np.float32)
-    if example.ndim != 4 or example.shape[1] != 6 or min(example.shape[-2:]) < MIN_SIDE:
-        raise ValueError(f"input_example must be (N, 6, H, W) with H, W >= {MIN_SIDE}, got {example.shape}")
+    channels = config.in_channels
+    module = ChangeDetectionModule(model, normalize=config.normalize, output=output, channels=channels).eval()
+    example = (default_input_example(channels=channels) if input_example is None
+               else np.ascontiguousarray(input_example, np.float32))
+    if example.ndim != 4 or example.shape[1] != 2 * channels or min(example.shape[-2:]) < MIN_SIDE:
+        raise ValueError(f"input_example must be (N, {2 * channels}, H, W) with H, W >= {MIN_SIDE}, "
+                         f"got {example.shape}")
     with torch.no_grad():
         example_out = module(torch.from_numpy(example)).numpy()
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(example.dtype, (-1, 6, -1, -1))]),
+        inputs=Schema([TensorSpec(example.dtype, (-1, 2 * channels, -1, -1))]),
         outputs=Schema([TensorSpec(example_out.dtype, (-1, 1, -1, -1))]),
     )
     best = state.get("best") or {}
@@ -216,7 +210,10 @@ def log_best_model(client: MlflowClient, run_id: str, checkpoint_path: Path | st
     # The checkpoint is best.pt: its epoch's validation F1 is the best F1.
     val_f1 = float(best["f1"]) if best.get("epoch") == epoch and "f1" in best else None
     metadata = {
-        "input": "float32 (N, 6, H, W): RGB of date A then date B on channels, raw 0-255 values",
+        "input": (f"float32 (N, {2 * channels}, H, W): "
+                  + (f"bands {config.bands}" if config.bands else "RGB")
+                  + " of date A then date B on channels, raw 0-255 values"
+                  + (" (as scaled for training)" if config.bands else "")),
         "output": f"float32 (N, 1, H, W): change {output}",
         # The threshold tuned on validation at the end of the run (the config's when none was).
         "min_side": MIN_SIDE, "normalize": config.normalize, "threshold": decision_threshold(state, config),

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
 
-from snunet_cbam.hooks import RunStatus as TrainStatus
+from snunet_cbam.mlflow_run import ensure_experiment, mlflow_run_status
+
+__all__ = ["FAILURE_TAG", "JOB_ID_TAG", "ensure_experiment", "mlflow_run_status", "start_job_run"]
 
 JOB_ID_TAG = "job_id"
 FAILURE_TAG = "failure_reason"
-
-
-def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
-    """The experiment's id, creating it if missing (safe when two workers race to create it)."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def start_job_run(client: MlflowClient, experiment: str, *, job_id: str, dataset_uri: str, source: str,
@@ -47,9 +35,3 @@ def start_job_run(client: MlflowClient, experiment: str, *, job_id: str, dataset
         JOB_ID_TAG: job_id, "dataset_uri": dataset_uri, "source": source, **(tags or {}),
     })
     return run.info.run_id, True
-
-
-def mlflow_run_status(status: TrainStatus | None) -> str:
-    """The MLflow run status for a training outcome (``None``: training raised)."""
-    return {"completed": "FINISHED", "early_stopped": "FINISHED", "time_limit": "FINISHED",
-            "cancelled": "KILLED"}.get(status or "", "FAILED")

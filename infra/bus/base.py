@@ -151,9 +151,10 @@ class MessageBus(abc.ABC):
     @abc.abstractmethod
     async def publish_status(self, payload: BaseModel, routing_key: str, *,
                              message_id: str | None = None,
-                             headers: Mapping[str, Any] | None = None,
-                             content_type: str | None = None) -> str:
-        """Publish a status event with routing key ``job.<job_id>.<state>``; confirmed."""
+                             headers: Mapping[str, Any] | None = None) -> str:
+        """Publish a status event with routing key ``job.<job_id>.<state>``; confirmed. A
+        :class:`~schemas.events.StatusEvent` goes out in CloudEvents structured mode (the
+        content type is the codec's to decide, never the caller's)."""
 
     @abc.abstractmethod
     async def consume_requests(self, handler: Handler[Any], *, model: type[Any] | None = None,

@@ -1,4 +1,11 @@
-"""Model <-> bytes, and which model a handler wants (FastStream-style, from its signature)."""
+"""Model <-> bytes, which content type a message gets, and which model a handler wants
+(FastStream-style, from its signature).
+
+The content type is decided here and nowhere else: a status event (a CloudEvent) always goes out
+in CloudEvents structured mode, whoever publishes it, so any CloudEvents SDK reads it; every
+other message is plain JSON. Readers decode by model, not by content type: a status event that
+an older producer sent as ``application/json`` has the same body and reads the same.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,22 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from schemas.events import CLOUDEVENTS_CONTENT_TYPE, StatusEvent
+
 CONTENT_TYPE = "application/json"
+
+
+def content_type(payload: BaseModel) -> str:
+    """The AMQP content type ``payload`` is published with."""
+    return CLOUDEVENTS_CONTENT_TYPE if isinstance(payload, StatusEvent) else CONTENT_TYPE
 
 
 def encode(payload: BaseModel) -> bytes:
     if not isinstance(payload, BaseModel):
         raise TypeError(f"the bus publishes pydantic models, not {type(payload).__name__}")
+    if isinstance(payload, StatusEvent):
+        # Structured mode: no null attributes (a CloudEvents reader takes null as a value).
+        return payload.to_json_bytes()
     # by_alias: the wire format is what model_validate_json reads back (aliases included).
     return payload.model_dump_json(by_alias=True).encode()
 

@@ -191,8 +191,7 @@ class InProcessBus(MessageBus):
 
     async def publish_status(self, payload: BaseModel, routing_key: str, *,
                              message_id: str | None = None,
-                             headers: Mapping[str, Any] | None = None,
-                             content_type: str | None = None) -> str:
+                             headers: Mapping[str, Any] | None = None) -> str:
         self._check_open()
         env = _envelope(payload, routing_key, message_id, headers)
         # The projector queue is durable and bound to job.#: it gets every event, even

@@ -31,7 +31,7 @@ from yarl import URL
 from schemas.topology import QueueSpec, Topology
 
 from .base import DeadLetter, DeadLetterHandler, Delivery, Handler, MessageBus, Subscription
-from .codec import CONTENT_TYPE, encode, resolve_model
+from .codec import content_type, encode, resolve_model
 from .dead import dead_letter_handler, read_dead_letter
 from .declare import declare_queue, declare_topology
 from .dispatch import OnError, run_handler
@@ -122,30 +122,29 @@ class RabbitBus(MessageBus):
                               headers: Mapping[str, Any] | None = None) -> str:
         return await self._publish(self.topology.requests_exchange.name,
                                    self.topology.request_routing_key, payload, message_id,
-                                   headers, None)
+                                   headers)
 
     async def publish_status(self, payload: BaseModel, routing_key: str, *,
                              message_id: str | None = None,
-                             headers: Mapping[str, Any] | None = None,
-                             content_type: str | None = None) -> str:
+                             headers: Mapping[str, Any] | None = None) -> str:
         return await self._publish(self.topology.status_exchange.name, routing_key, payload,
-                                   message_id, headers, content_type)
+                                   message_id, headers)
 
     async def publish_control(self, payload: BaseModel, routing_key: str, *,
                               message_id: str | None = None) -> str:
         # Not mandatory: with no worker running nothing is bound, and that is fine (the job
         # view holds the cancellation; the worker that claims the job reads it).
         return await self._publish(self.topology.control_exchange.name, routing_key, payload,
-                                   message_id, None, None, mandatory=False)
+                                   message_id, None, mandatory=False)
 
     async def _publish(self, exchange_name: str, routing_key: str, payload: BaseModel,
                        message_id: str | None, headers: Mapping[str, Any] | None,
-                       content_type: str | None, *, mandatory: bool = True) -> str:
+                       *, mandatory: bool = True) -> str:
         body = encode(payload)
         await self.connect()
         self._require()
         mid = message_id or uuid.uuid4().hex
-        message = Message(body, content_type=content_type or CONTENT_TYPE,
+        message = Message(body, content_type=content_type(payload),
                           delivery_mode=DeliveryMode.PERSISTENT, message_id=mid,
                           headers=dict(headers or {}), timestamp=datetime.now(timezone.utc),
                           app_id=self.settings.app_id, type=type(payload).__name__)

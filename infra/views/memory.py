@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import threading
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,18 @@ class InMemoryJobViewStore:
             doc["accepted_attempt"] = attempt
             self._save()
         return True
+
+    async def mark_accepted_many(self, accepted: Mapping[str, int]) -> int:
+        with self._lock:
+            raised = 0
+            for job_id, attempt in accepted.items():
+                doc = self._docs.get(job_id)
+                if doc is not None and may_accept(doc, attempt):
+                    doc["accepted_attempt"] = attempt
+                    raised += 1
+            if raised:
+                self._save()
+        return raised
 
     async def claim(self, event: StatusEvent) -> bool:
         plan = plan_update(event)
@@ -160,6 +173,14 @@ class InMemoryJobViewStore:
             if not matches:
                 return None
             return doc_to_view(max(matches, key=lambda d: (d["submitted_at"], d["_id"])))
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        counts = dict.fromkeys(JobState, 0)
+        with self._lock:
+            for doc in self._docs.values():
+                if doc.get("state") is not None:
+                    counts[JobState(doc["state"])] += 1
+        return counts
 
     async def ensure_indexes(self) -> None:
         """Nothing to index in memory; present so callers need not know the backend."""

@@ -12,7 +12,7 @@ Ordering policy (the part every backend must agree on):
    continues the sequence, is shown truthfully. Not publishing after a terminal state is the
    publisher's job.
 3. **Order-free facts survive a late event.** A stale event still contributes what cannot go
-   backward: the submission (request, submitted_at, source, trigger), filled only while the
+   backward: the submission (request, submitted_at, source, trigger, traceparent), filled only while the
    view has none (a QUEUED overtaken by STARTING), and its per-epoch history entry, kept when
    newer than the stored one for that epoch. Both are conditional, idempotent writes.
 4. **Fields.** ``state``, ``phase``, ``error`` and ``updated_at`` describe the newest event and
@@ -82,10 +82,11 @@ def claim_filter(job_id: str, sequence: int) -> dict[str, Any]:
     return {"_id": job_id, "last_sequence": {"$lt": sequence}, "state": {"$nin": list(_TERMINAL_VALUES)}}
 
 
-def acceptance_filter(job_id: str, attempt: int) -> dict[str, Any]:
-    """Rule 11 as a MongoDB filter (``None`` also matches a missing field; explicit ``$and`` for
-    nx-27017, see MongoJobViewStore.list)."""
-    return {"$and": [{"_id": job_id}, {"$or": [{"accepted_attempt": None}, {"accepted_attempt": {"$lt": attempt}}]}]}
+def acceptance_filter(job_id: str | list[str], attempt: int) -> dict[str, Any]:
+    """Rule 11 as a MongoDB filter, for one job or several (``None`` also matches a missing
+    field; explicit ``$and`` for nx-27017, see MongoJobViewStore.list)."""
+    match_id = {"_id": {"$in": job_id}} if isinstance(job_id, list) else {"_id": job_id}
+    return {"$and": [match_id, {"$or": [{"accepted_attempt": None}, {"accepted_attempt": {"$lt": attempt}}]}]}
 
 
 def may_accept(doc: dict[str, Any], attempt: int) -> bool:
@@ -171,6 +172,8 @@ def plan_update(event: StatusEvent) -> ViewUpdate:
             "source": data.source,
             "trigger": data.trigger.model_dump() if data.trigger else None,
             "model_name": data.request.model_name,
+            # The submission's trace: a watchdog's re-queue continues it (schemas/tracing.py).
+            "traceparent": event.traceparent,
         }
     else:
         # Until the QUEUED event is seen the view still needs a position in the newest-first

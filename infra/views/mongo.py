@@ -7,6 +7,9 @@ processed position (``last_sequence``), as an event-sourcing projector does; see
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,6 +39,7 @@ _NEWEST_FIRST = [("submitted_at", DESCENDING), ("job_id", DESCENDING)]
 # The same order as one field (infra/views/list_order.py): list() pages by a range on it.
 _LIST_ORDER = [(LIST_KEY, DESCENDING)]
 _BACKFILL_BATCH = 1000
+_LAST_WRITTEN_JOBS = 10_000
 
 
 class MongoJobViewStore:
@@ -43,6 +47,9 @@ class MongoJobViewStore:
         """Use ``collection``; ``client``, when given, is owned and closed by :meth:`close`."""
         self._col = collection
         self._client = client
+        # Per job, the rule-8 fields of the last event this store wrote: a guess at which of the
+        # two rule-8 filters the view matches now (another writer may have moved it since).
+        self._last_unmoved: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     @classmethod
     def connect(
@@ -80,23 +87,38 @@ class MongoJobViewStore:
                 return True
             return (await self._col.update_one(at, moved)).matched_count == 1
         newer = {"_id": plan.job_id, "last_sequence": {"$lt": plan.sequence}}
-        # Rule 8: a heartbeat that repeats state, phase and step (the common event) is one update
-        # that leaves step_at; anything else (a move, a new view, a stale event) goes on below.
-        # Explicit $and for nx-27017, as in list().
+        # Rule 8 takes two filters, unmoved (leaves step_at) and moved (sets it); which one the
+        # view matches, the last event this store wrote for the job tells (a wrong guess costs
+        # one round trip, never a wrong write). Explicit $and for nx-27017, as in list().
+        if self._moved_since_last_write(plan):
+            if (await self._col.update_one({"$and": [newer, _moved_filter(plan)]}, moved)).matched_count:
+                return self._written(plan)
         if (await self._col.update_one({"$and": [newer, plan.unmoved]}, update)).matched_count:
-            return True
+            return self._written(plan)
+        # A new view, a move, or a stale event.
         update = moved
         try:
             await self._col.update_one(newer, update, upsert=True)
-            return True
+            return self._written(plan)
         except DuplicateKeyError:
             # The filter missed and the insert hit an existing _id: either the view is already
             # at or past this sequence, or a concurrent writer created it between our miss and
             # our insert. A plain conditional update tells the two apart.
             if (await self._col.update_one(newer, update)).matched_count:
-                return True
+                return self._written(plan)
         await self._merge_stale(plan)
         return False
+
+    def _moved_since_last_write(self, plan: ViewUpdate) -> bool:
+        last = self._last_unmoved.get(plan.job_id)
+        return last is not None and any(last.get(name) != value for name, value in plan.unmoved.items())
+
+    def _written(self, plan: ViewUpdate) -> bool:
+        last = self._last_unmoved
+        last[plan.job_id] = {**last.pop(plan.job_id, {}), **plan.unmoved}
+        if len(last) > _LAST_WRITTEN_JOBS:
+            last.popitem(last=False)  # the job heard from least recently
+        return True
 
     async def create(self, event: StatusEvent) -> bool:
         plan = plan_update(event)
@@ -111,6 +133,16 @@ class MongoJobViewStore:
     async def mark_accepted(self, job_id: str, attempt: int) -> bool:
         result = await self._col.update_one(acceptance_filter(job_id, attempt), {"$set": {"accepted_attempt": attempt}})
         return result.matched_count == 1
+
+    async def mark_accepted_many(self, accepted: Mapping[str, int]) -> int:
+        by_attempt: dict[int, list[str]] = {}
+        for job_id, attempt in accepted.items():
+            by_attempt.setdefault(attempt, []).append(job_id)
+        raised = 0
+        for attempt, job_ids in by_attempt.items():  # one write per attempt number: almost always one
+            result = await self._col.update_many(acceptance_filter(job_ids, attempt), {"$set": {"accepted_attempt": attempt}})
+            raised += result.modified_count
+        return raised
 
     async def claim(self, event: StatusEvent) -> bool:
         plan = plan_update(event)
@@ -180,6 +212,13 @@ class MongoJobViewStore:
         docs = await self._col.find({"request.idempotency_key": key}).sort(_NEWEST_FIRST).limit(1).to_list()
         return doc_to_view(docs[0]) if docs else None
 
+    async def count_by_state(self) -> dict[JobState, int]:
+        # One count per state, each from the (state, list_key) index's prefix (a count scan on
+        # MongoDB), rather than a $group that reads every view: constant work at 100k jobs.
+        states = list(JobState)
+        counts = await asyncio.gather(*(self._col.count_documents({"state": s.value}) for s in states))
+        return dict(zip(states, counts))
+
     async def ensure_indexes(self) -> None:
         """The indexes behind :meth:`list` (with and without a state) and the idempotency lookup,
         then the one-time backfill of ``list_key``.
@@ -221,6 +260,12 @@ class MongoJobViewStore:
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
+
+
+def _moved_filter(plan: ViewUpdate) -> dict[str, Any]:
+    """Rule 8's moved case: the complement of ``plan.unmoved`` (``$ne: None`` matches neither a
+    null nor a missing field, as ``None`` matches both)."""
+    return {"$or": [{name: {"$ne": value}} for name, value in plan.unmoved.items()]}
 
 
 def _advance_update(plan: ViewUpdate, *, moved: bool = False) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 A status event or dead letter that cannot be written because the store is down is not the
 message's fault: failing it (a nack) would only burn its delivery limit and, after enough
 tries, dead-letter an event that is perfectly good. The caller keeps its delivery unacked and
-retries the same write with a growing pause; with prefetch 1 nothing else is delivered
-meanwhile, so the consumer has in effect stopped until the store is back.
+retries the same write with a growing pause; nothing beyond the consumer's prefetch is
+delivered meanwhile, so the consumer has in effect stopped until the store is back.
 """
 
 from __future__ import annotations

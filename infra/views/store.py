@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -29,6 +30,11 @@ class JobViewStore(Protocol):
     async def mark_accepted(self, job_id: str, attempt: int) -> bool:
         """Record that the broker confirmed the request of ``attempt`` (rule 11), unless a newer
         one is recorded; True if this call raised it."""
+        ...
+
+    async def mark_accepted_many(self, accepted: Mapping[str, int]) -> int:
+        """:meth:`mark_accepted` for each ``job_id: attempt``, in as few writes as the backend
+        allows; how many were raised."""
         ...
 
     async def claim(self, event: StatusEvent) -> bool:
@@ -60,6 +66,11 @@ class JobViewStore(Protocol):
 
     async def find_by_idempotency_key(self, key: str) -> JobView | None:
         """The newest job submitted with this idempotency key, if any."""
+        ...
+
+    async def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, 0 included): the metrics'
+        jobs-by-state gauge. Served from the state index, never by reading the views."""
         ...
 
     async def ensure_indexes(self) -> None: ...

@@ -75,10 +75,20 @@ class PairedAugmentation:
         self.border_mode = border_mode
         self.border_value = border_value
         p = params
+        blur = A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, p.blur_sigma_max), p=p.blur_prob)
         self.photometric = A.Compose(
             [
                 A.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation,
                               hue=p.hue, p=p.color_jitter_prob),
+                blur,
+            ]
+        )
+        # Saturation and hue mean nothing without RGB: other band counts (multispectral, 4-band
+        # RGBN) get brightness and contrast only, with the same limits and probability.
+        self.photometric_bands = A.Compose(
+            [
+                A.RandomBrightnessContrast(brightness_limit=p.brightness, contrast_limit=p.contrast,
+                                           p=p.color_jitter_prob),
                 A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, p.blur_sigma_max), p=p.blur_prob),
             ]
         )
@@ -86,10 +96,12 @@ class PairedAugmentation:
     def __call__(self, image_a: np.ndarray, image_b: np.ndarray, mask: np.ndarray,
                  seeds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b, m = self.geometry(image_a, image_b, mask, np.random.default_rng(seeds[0]))
-        self.photometric.set_random_seed(seeds[1])
-        a = self.photometric(image=a)["image"]
-        self.photometric.set_random_seed(seeds[2])
-        b = self.photometric(image=b)["image"]
+        rgb = image_a.ndim == 3 and image_a.shape[2] == 3
+        photometric = self.photometric if rgb else self.photometric_bands
+        photometric.set_random_seed(seeds[1])
+        a = photometric(image=a)["image"]
+        photometric.set_random_seed(seeds[2])
+        b = photometric(image=b)["image"]
         return a, b, m
 
     def geometry(self, image_a: np.ndarray, image_b: np.ndarray, mask: np.ndarray,

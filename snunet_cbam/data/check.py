@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .geotiff import DEFAULT_SPEC, ImageSpec, image_header, is_tiff
 from .imageio import DEFAULT_LABEL_THRESHOLD, label_problem, read_label_values
 from .layouts import PairPaths
 
@@ -75,6 +76,49 @@ class ImageTooLargeError(InvalidDatasetError):
             "into tiles or raise the limit"))
 
 
+def _over_limit(size: tuple[int, int], role: str, max_pixels: int | None, reasons: list[str],
+                oversized: list[str] | None) -> bool:
+    if max_pixels is None or size[0] * size[1] <= max_pixels:
+        return False
+    reasons.append(f"{role} is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit "
+                   f"of {max_pixels:,} pixels (CDTRAIN_MAX_IMAGE_PIXELS)")
+    if oversized is not None:
+        oversized.append(role)
+    return True
+
+
+def _inspect_image(path: Path, role: str, spec: ImageSpec, reasons: list[str], max_pixels: int | None,
+                   oversized: list[str]) -> tuple[int, int] | None:
+    """An image of a pair: RGB PNG/JPEG as ever; TIFFs (rasterio's header) and images read with
+    ``bands`` by their band count."""
+    if spec.plain_rgb and not is_tiff(path):
+        return _inspect(path, role, _RGB_MODES, reasons, max_pixels, oversized)
+    if not path.exists():
+        reasons.append(f"missing {role} ({path.name})")
+        return None
+    try:
+        if is_tiff(path):
+            width, height, count, _ = image_header(path)
+        else:
+            with Image.open(path) as im:
+                (width, height), count = im.size, len(im.getbands())
+                if max_pixels is None or width * height <= max_pixels:  # never decode an oversized one
+                    im.verify()
+    except Image.DecompressionBombError as exc:
+        reasons.append(f"{role} is larger than Pillow opens ({exc})")
+        oversized.append(role)
+        return None
+    except Exception as exc:  # rasterio and Pillow raise many types for corrupt files
+        reasons.append(f"unreadable {role} ({type(exc).__name__}: {exc})")
+        return None
+    if _over_limit((width, height), role, max_pixels, reasons, oversized):
+        return None
+    problem = spec.band_problem(count)
+    if problem:
+        reasons.append(f"{role} {problem}")
+    return width, height
+
+
 def _inspect(path: Path, role: str, allowed_modes: set[str], reasons: list[str],
              max_pixels: int | None = None, oversized: list[str] | None = None) -> tuple[int, int] | None:
     if not path.exists():
@@ -83,11 +127,7 @@ def _inspect(path: Path, role: str, allowed_modes: set[str], reasons: list[str],
     try:
         with Image.open(path) as im:  # the header only: Pillow decodes on demand
             size, mode = im.size, im.mode
-            if max_pixels is not None and size[0] * size[1] > max_pixels:
-                reasons.append(f"{role} is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit "
-                               f"of {max_pixels:,} pixels (CDTRAIN_MAX_IMAGE_PIXELS)")
-                if oversized is not None:
-                    oversized.append(role)
+            if _over_limit(size, role, max_pixels, reasons, oversized):
                 return None
             im.verify()
     except Image.DecompressionBombError as exc:
@@ -117,15 +157,17 @@ def _check_label_values(path: Path, threshold: int, reasons: list[str]) -> None:
 
 
 def check_pairs(pairs: list[PairPaths], split: str, *, label_threshold: int = DEFAULT_LABEL_THRESHOLD,
-                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> DatasetReport:
+                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                image_spec: ImageSpec = DEFAULT_SPEC) -> DatasetReport:
     """The report of ``split``; raises :class:`ImageTooLargeError` (with the report) when an image
-    is over ``max_image_pixels`` (None: only Pillow's own limit)."""
+    is over ``max_image_pixels`` (None: only Pillow's own limit). ``image_spec``: the bands the
+    images must have (the config's ``bands``; RGB by default)."""
     report = DatasetReport(split=split)
     for pair in pairs:
         reasons: list[str] = []
         oversized: list[str] = []
-        size_a = _inspect(pair.image_a, "image A", _RGB_MODES, reasons, max_image_pixels, oversized)
-        size_b = _inspect(pair.image_b, "image B", _RGB_MODES, reasons, max_image_pixels, oversized)
+        size_a = _inspect_image(pair.image_a, "image A", image_spec, reasons, max_image_pixels, oversized)
+        size_b = _inspect_image(pair.image_b, "image B", image_spec, reasons, max_image_pixels, oversized)
         size_l = None
         if pair.label is None:
             reasons.append("missing label")

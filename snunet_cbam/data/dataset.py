@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .augment import PairedAugmentation, sample_seeds
-from .imageio import DEFAULT_LABEL_THRESHOLD, read_mask, read_rgb
+from .geotiff import DEFAULT_SPEC, ImageSpec, read_image
+from .imageio import DEFAULT_LABEL_THRESHOLD, read_mask
 from .layouts import PairPaths
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
@@ -20,10 +21,26 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+def normalisation(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``normalize: imagenet`` for ``channels`` bands: ImageNet's per-channel statistics for RGB;
+    for any other band count (multispectral, a single band) ImageNet's mean and std averaged over
+    RGB, for every band: the stretched bands then sit in the range RGB inputs do."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (np.full(channels, IMAGENET_MEAN.mean(), dtype=np.float32),
+            np.full(channels, IMAGENET_STD.mean(), dtype=np.float32))
+
+
 def to_tensor(image: np.ndarray, normalize: str) -> torch.Tensor:
-    """HWC uint8 RGB → CHW float32, ImageNet-normalised or scaled to [0, 1]."""
+    """HWC uint8 (RGB, or any band count) → CHW float32, ImageNet-normalised or scaled to [0, 1]."""
+    if image.ndim == 2:  # a single band (cv2 drops a trailing axis of 1)
+        image = image[..., None]
     x = image.astype(np.float32)
-    x = (x - IMAGENET_MEAN) / IMAGENET_STD if normalize == "imagenet" else x / 255.0
+    if normalize == "imagenet":
+        mean, std = normalisation(x.shape[2])
+        x = (x - mean) / std
+    else:
+        x = x / 255.0
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -32,13 +49,15 @@ class PairLoader:
 
     Training draws many crops from each original (16 per 1024² LEVIR-CD image), so decoding once
     in the parent process, before the DataLoader forks its workers, saves most of the input cost.
-    Label pixels >= ``label_threshold`` are change (:func:`imageio.read_mask`).
+    Label pixels >= ``label_threshold`` are change (:func:`imageio.read_mask`); images are read
+    with ``image_spec``'s bands and scaling (:mod:`geotiff`).
     """
 
     def __init__(self, pairs: list[PairPaths], cache: bool = False, threads: int = 4, *,
-                 label_threshold: int = DEFAULT_LABEL_THRESHOLD) -> None:
+                 label_threshold: int = DEFAULT_LABEL_THRESHOLD, image_spec: ImageSpec = DEFAULT_SPEC) -> None:
         self.pairs = pairs
         self.label_threshold = label_threshold
+        self.image_spec = image_spec
         self._cache: list[Sample] | None = None
         if cache:
             with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -46,7 +65,8 @@ class PairLoader:
 
     def _decode(self, pair: PairPaths) -> Sample:
         assert pair.label is not None
-        return read_rgb(pair.image_a), read_rgb(pair.image_b), read_mask(pair.label, self.label_threshold)
+        return (read_image(pair.image_a, self.image_spec), read_image(pair.image_b, self.image_spec),
+                read_mask(pair.label, self.label_threshold))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -115,13 +135,28 @@ class EpochShuffleSampler(Sampler):
     Carrying the epoch in the key (instead of a dataset attribute) keeps it correct in persistent
     workers, and the order needs no state beyond the epoch number (and, inside an epoch, the
     position reached) to resume exactly.
+
+    Data parallel (``world_size`` > 1): every rank draws the same permutation and takes every
+    ``world_size``-th position of it from ``rank`` on, so the shards are disjoint and cover the
+    epoch (the last ``length % world_size`` positions are left out, so every rank runs as many
+    steps). Step k's batches of all ranks together are then the single-process batch of
+    ``batch_size * world_size`` at step k. ``start`` counts positions of this rank's shard.
     """
 
-    def __init__(self, length: int, seed: int) -> None:
+    def __init__(self, length: int, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.length = length
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.start = 0
+
+    @property
+    def shard_length(self) -> int:
+        """Samples of one epoch that this rank trains on."""
+        return self.length // self.world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Yield ``epoch``'s permutation from position ``start`` on: a run resumed inside an epoch
@@ -132,11 +167,14 @@ class EpochShuffleSampler(Sampler):
         self.start = start
 
     def __len__(self) -> int:
-        return max(0, self.length - self.start)
+        return max(0, self.shard_length - self.start)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        for index in torch.randperm(self.length, generator=generator)[self.start:].tolist():
+        order = torch.randperm(self.length, generator=generator)
+        if self.world_size > 1:
+            order = order[:self.shard_length * self.world_size][self.rank::self.world_size]
+        for index in order[self.start:].tolist():
             yield self.epoch, index
 
 

@@ -100,6 +100,8 @@ def quarter_turn(image: np.ndarray, turns: int) -> np.ndarray:
     turns %= 4
     if turns == 0:
         return image.copy()  # never a view: the source may be the shared decoded-image cache
+    if image.ndim == 3 and image.shape[2] > 4:  # cv2 turns at most 4 channels
+        return np.ascontiguousarray(np.rot90(image, turns))
     return cv2.rotate(image, _CV2_TURNS[turns])
 
 
