@@ -5,6 +5,7 @@
 #  3. drops it into the bucket as an archive, with a train_config.yaml beside it (trigger path)
 #  4. submits the same dataset over REST, registering the model
 #  5. follows both jobs live, then prints a summary of each
+#  6. makes a change map with the registered model (cdtrain predict)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -82,5 +83,15 @@ for job in "$BUCKET_JOB" "$REST_JOB"; do
   [ "$state" = "succeeded" ] || STATUS=1
 done
 "$BIN/cdtrain" list
+
+# The model the REST job registered, from the registry to a change map of a test pair (what a user
+# does with a GeoTIFF scene; these tiles are PNG, so the outputs carry no CRS).
+ALIAS=$("$BIN/cdtrain" status "$REST_JOB" --json | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin).get("model_alias") or "")')
+PAIR=$(head -1 "$DEMO/synthetic/list/test.txt")
+if [ -n "$ALIAS" ]; then
+  echo "== a change map from models:/demo-cd@${ALIAS} (test pair ${PAIR}): ${DEMO}/maps/"
+  MLFLOW_TRACKING_URI="sqlite:///$PWD/$DEMO/data/mlflow.db" "$BIN/cdtrain" predict --model "models:/demo-cd@${ALIAS}" \
+    --before "$DEMO/synthetic/A/$PAIR" --after "$DEMO/synthetic/B/$PAIR" --out "$DEMO/maps/${PAIR%.*}" || STATUS=1
+fi
 echo "MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/$DEMO/data/mlflow.db"
 exit $STATUS

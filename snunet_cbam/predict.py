@@ -24,8 +24,12 @@ Outputs, on the grid (CRS and transform) of the inputs:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ from .inference import Blend, TTA, forward_tta, window_starts, window_weight
 from .metrics import change_mask
 from .model_source import resolve_checkpoint
 from .runtime import Precision, select_device
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TILE = 1024  # when the model's config scores every image whole (window_size: null)
 OVERLAY_MAX_SIDE = 2048
@@ -237,7 +243,9 @@ def predict_scene(before: Path | str, after: Path | str, out: Path | str, *, pre
     spec = ImageSpec.from_config(config)
     model, dev = predictor.model, predictor.device
 
-    with rasterio.open(before) as src_a, rasterio.open(after) as src_b:
+    with _without_georeferencing_warnings(), rasterio.open(before) as src_a, rasterio.open(after) as src_b:
+        if src_a.crs is None:
+            log.info("%s carries no georeferencing (no CRS): the outputs will carry none either", before)
         indexes = _check_pair(src_a, src_b, before, after, spec)
         limits_a, limits_b = scene_limits(src_a, indexes, spec), scene_limits(src_b, indexes, spec)
         height, width = src_a.height, src_a.width
@@ -301,3 +309,13 @@ def predict_scene(before: Path | str, after: Path | str, out: Path | str, *, pre
     return PredictionResult(mask=mask_path, probability=prob_path, overlay=overlay_path, threshold=threshold,
                             width=width, height=height, tiles=len(ys) * len(xs), changed_pixels=changed,
                             source=predictor.source)
+
+
+@contextlib.contextmanager
+def _without_georeferencing_warnings() -> Iterator[None]:
+    """rasterio warns twice per plain PNG/JPEG (read, then write): one log line says it instead."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
