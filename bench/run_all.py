@@ -54,6 +54,7 @@ BENCHES = (
     Bench("projector_lag", ("--seconds", "20", "--backlog", "5000"), 600),
     Bench("dataset_fetch", ("--rounds", "3"), 600),
     Bench("input_pipeline", (), 900),
+    Bench("ddp_scaling", ("--processes", "1,2"), 600),
     Bench("outbox_append", (), 300),
 )
 
@@ -176,6 +177,13 @@ def input_pipeline_rows(data: dict[str, Any]) -> list[Row]:
                 f"{data['loader_vs_model']:.0f}×", None)]
 
 
+def ddp_scaling_rows(data: dict[str, Any]) -> list[Row]:
+    device = data["args"].get("device", "cpu")
+    return [Row(f"data parallel within a job (`gpus: N`), samples/s against one process on {device} (record)",
+                ", ".join(f"{r['processes']} process{'es' if r['processes'] > 1 else ''}: {r['samples_per_s']:.1f} "
+                          f"({r['ratio']:.2f}×)" for r in data["rows"]), None)]
+
+
 def outbox_append_rows(data: dict[str, Any]) -> list[Row]:
     return [Row("status outbox append, durable (record)",
                 f"median {data['append_median_ms']:.2f} ms, p99 {data['append_p99_ms']:.2f} ms; longest event-loop "
@@ -190,6 +198,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "projector_lag": projector_lag_rows,
     "dataset_fetch": dataset_fetch_rows,
     "input_pipeline": input_pipeline_rows,
+    "ddp_scaling": ddp_scaling_rows,
     "outbox_append": outbox_append_rows,
 }
 
