@@ -172,7 +172,7 @@ def dataset_fetch_rows(data: dict[str, Any]) -> list[Row]:
 def input_pipeline_rows(data: dict[str, Any]) -> list[Row]:
     c = data["config"]
     return [Row(f"training loader beside the model, shipped config (batch {c['batch_size']}, width {c['base_channel']}, "
-                f"{c['num_workers']} loader workers) on {data['machine']['device']} (record)",
+                f"{c['num_workers']} loader worker{'' if c['num_workers'] == 1 else 's'}) on {data['machine']['device']} (record)",
                 f"loader {data['loader_samples_s']:.0f} samples/s, model {data['model_samples_s']:.2f} samples/s: "
                 f"{data['loader_vs_model']:.0f}×", None)]
 
