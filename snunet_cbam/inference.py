@@ -53,10 +53,6 @@ def window_weight(window: int, blend: Blend, device: torch.device) -> torch.Tens
 
 def forward_tta(model: nn.Module, a: torch.Tensor, b: torch.Tensor, tta: TTA) -> torch.Tensor:
     """Logits of one batch of windows (or whole images), with the flips of ``tta`` averaged."""
-    return _forward(model, a, b, tta)
-
-
-def _forward(model: nn.Module, a: torch.Tensor, b: torch.Tensor, tta: TTA) -> torch.Tensor:
     if tta == "none":
         return model(a, b).float()
     if tta != "flip":
@@ -81,7 +77,7 @@ def predict_logits(model: nn.Module, a: torch.Tensor, b: torch.Tensor, *, window
     """
     n, _, height, width = a.shape
     if window is None or (height <= window and width <= window):
-        return _forward(model, a, b, tta)
+        return forward_tta(model, a, b, tta)
 
     stride = window - overlap
     tiles = [(y, x) for y in window_starts(height, window, stride) for x in window_starts(width, window, stride)]
@@ -93,7 +89,7 @@ def predict_logits(model: nn.Module, a: torch.Tensor, b: torch.Tensor, *, window
         chunk = tiles[i : i + windows_per_batch]
         crops_a = torch.cat([a[..., y : y + win_h, x : x + win_w] for y, x in chunk])
         crops_b = torch.cat([b[..., y : y + win_h, x : x + win_w] for y, x in chunk])
-        out = _forward(model, crops_a, crops_b, tta)
+        out = forward_tta(model, crops_a, crops_b, tta)
         for k, (y, x) in enumerate(chunk):
             logits[..., y : y + win_h, x : x + win_w] += out[k * n : (k + 1) * n] * weight_tile
             weight[..., y : y + win_h, x : x + win_w] += weight_tile

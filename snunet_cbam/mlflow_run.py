@@ -55,6 +55,7 @@ from mlflow.utils.validation import (MAX_DATASET_DIGEST_SIZE, MAX_METRICS_PER_BA
 
 from .checkpoint import load_checkpoint, save_model_checkpoint
 from .hooks import EpochInfo, RunStartInfo, StepInfo, TrainerHooks, TrainResult
+from .model_source import CHECKPOINT_ARTIFACT, CHECKPOINT_DIR
 from .hooks import RunStatus as TrainStatus
 from .panels import ValidationPanel, png_bytes, render_confusion_matrix, render_panel, render_pr_curve
 
@@ -64,8 +65,6 @@ CONFIG_ARTIFACT = "train_config.yaml"
 METRICS_ARTIFACT = "metrics.json"
 PANELS_DIR = "panels"  # panels/epoch_003.png: the validation panel of epoch 3
 CURVES_DIR = "curves"  # curves/{val,test}_{pr_curve,confusion_matrix}.{png,json}
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/best.pt"  # run artifact: the checkpoint a logged model came from
 STEP_SERIES = "step_loss"  # logged at every reported step: its last step is where a run's steps stand
 EPOCH_SERIES = "val_f1"  # logged once per epoch, in the one batch that carries all of the epoch's metrics
 _MAX_KEPT_ERRORS = 20

@@ -15,8 +15,9 @@ import re
 import tempfile
 from pathlib import Path
 
-# The run artifact a logged model's checkpoint is stored as (the tracking code logs it there).
-CHECKPOINT_ARTIFACT = "checkpoint/best.pt"
+# The run artifact a logged model's checkpoint is stored as (mlflow_run.log_checkpoint logs it there).
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/best.pt"
 
 _VERSION = re.compile(r"^\d+$")
 

@@ -49,13 +49,18 @@ class ProbabilityHistogram:
         fn, tn = int(self.change[:k].sum()), int(self.no_change[:k].sum())
         return ChangeMetrics(tp, fp, fn, tn)
 
-    def best(self) -> TunedThreshold:
-        """The threshold with the highest F1; among equals, the one nearest 0.5."""
-        # Predicted change at threshold k / bins = every bin >= k: suffix sums.
+    def curve(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tp, fp, fn, f1`` (float64, one per bin) when bin k's threshold ``k / bins`` decides:
+        change is predicted in every bin >= k, so the counts are suffix sums."""
         tp = self.change.flip(0).cumsum(0).flip(0).double()
         fp = self.no_change.flip(0).cumsum(0).flip(0).double()
         fn = self.change.sum() - tp
         f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
+        return tp, fp, fn, f1
+
+    def best(self) -> TunedThreshold:
+        """The threshold with the highest F1; among equals, the one nearest 0.5."""
+        _, _, _, f1 = self.curve()
         candidates = torch.arange(self.bins, device=f1.device)
         allowed = (candidates >= round(LOWEST * self.bins)) & (candidates <= round(HIGHEST * self.bins))
         f1 = torch.where(allowed, f1, torch.full_like(f1, -1.0))
@@ -70,13 +75,10 @@ def pr_curve_document(histogram: ProbabilityHistogram, threshold: float) -> dict
     """The precision-recall curve of the histogram's pixels (one point per bin edge, as the
     threshold tuning sees them) and the point of ``threshold``: JSON-ready, for the run's
     artifacts. Precision with nothing predicted is 1.0, as in :mod:`metrics`."""
-    tp = histogram.change.flip(0).cumsum(0).flip(0).double().cpu()
-    fp = histogram.no_change.flip(0).cumsum(0).flip(0).double().cpu()
+    tp, fp, _, f1 = (values.cpu() for values in histogram.curve())
     positives = float(histogram.change.sum())
-    fn = positives - tp
     precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), torch.ones_like(tp))
     recall = tp / positives if positives else torch.ones_like(tp)
-    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
     chosen = histogram.counts_at(threshold)
 
     def rounded(values: torch.Tensor) -> list[float]:

@@ -309,14 +309,13 @@ class Trainer:
             out_dir=self.out_dir, start_step=progress.global_step, history=tuple(progress.history),
         ))
 
-        self._curves: dict[str, dict[str, Any]] = {}  # filled by _finish
         status = self._train(run, progress, stop)
-        threshold, test_metrics = None, None
+        threshold, test_metrics, curves = None, None, {}
         if status in ("completed", "early_stopped"):
             try:
                 # On rank 0, which wrote best.pt; the other ranks get its figures.
-                threshold, test_metrics = self.dist.on_main(
-                    lambda: self._finish(run, stop) if self.best_path.exists() else (None, None), stop)
+                threshold, test_metrics, curves = self.dist.on_main(
+                    lambda: self._finish(run, stop) if self.best_path.exists() else (None, None, {}), stop)
             except EvaluationStopped:
                 # Training is over and checkpointed: a resumed run does only this end of the run.
                 status = stop.reason() or "cancelled"
@@ -326,7 +325,7 @@ class Trainer:
             history=progress.history, test=test_metrics, best_checkpoint=self.best_path,
             last_checkpoint=self.last_path, metrics_path=self.metrics_path,
             threshold=threshold["threshold"] if threshold else None, val_at_threshold=threshold,
-            curves=self._curves,
+            curves=curves,
         )
         self.hooks.on_run_end(result)
         return result
@@ -599,9 +598,12 @@ class Trainer:
         return reason
 
     # --- the end of a run -----------------------------------------------------------------------
-    def _finish(self, run: _Run, stop: _StopCondition) -> tuple[dict[str, float], dict[str, float] | None]:
+    def _finish(self, run: _Run, stop: _StopCondition
+                ) -> tuple[dict[str, float], dict[str, float] | None, dict[str, dict[str, Any]]]:
         """Tune the decision threshold on validation with the best weights, store it in the best
-        checkpoint, and score the test split with it; raises ``EvaluationStopped`` on a stop."""
+        checkpoint, and score the test split with it; raises ``EvaluationStopped`` on a stop.
+        Returns the threshold with its validation metrics, the test metrics, and the curves by role
+        (``TrainResult.curves``)."""
         cfg = self.config
         best_state = load_checkpoint(self.best_path, map_location="cpu")
         run.eval_model.load_state_dict(eval_weights(best_state))
@@ -614,9 +616,8 @@ class Trainer:
         else:
             val = self._evaluate(run, "val", EvalSettings.from_config(cfg, tta=True), histogram, cancel=stop)
             threshold = {"threshold": cfg.threshold, **{k: val[k] for k in METRIC_NAMES}}
-            val_counts = ChangeMetrics(val["tp"], val["fp"], val["fn"], val["tn"])
-        self._curves["val"] = {"pr_curve": pr_curve_document(histogram, threshold["threshold"]),
-                               "confusion": confusion_document(val_counts, threshold["threshold"])}
+            val_counts = _counts(val)
+        curves = {"val": _curves(histogram, val_counts, threshold["threshold"])}
         best_state["threshold"] = threshold["threshold"]
         save_checkpoint(self.best_path, best_state)
         log.info("decision threshold %.3f: validation F1 %.4f", threshold["threshold"], threshold["f1"])
@@ -627,10 +628,8 @@ class Trainer:
             test_histogram = ProbabilityHistogram(run.device)
             test_metrics = self._evaluate(run, "test", EvalSettings.from_config(
                 cfg, tta=True, threshold=threshold["threshold"]), test_histogram, cancel=stop)
-            test_counts = ChangeMetrics(test_metrics["tp"], test_metrics["fp"], test_metrics["fn"], test_metrics["tn"])
-            self._curves["test"] = {"pr_curve": pr_curve_document(test_histogram, threshold["threshold"]),
-                                    "confusion": confusion_document(test_counts, threshold["threshold"])}
-        return threshold, test_metrics
+            curves["test"] = _curves(test_histogram, _counts(test_metrics), threshold["threshold"])
+        return threshold, test_metrics, curves
 
     def _write_metrics(self, progress: _Progress, threshold: dict | None, test: dict | None) -> None:
         if not self.dist.is_main:
@@ -644,3 +643,12 @@ class Trainer:
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(document, indent=2))
         tmp.replace(self.metrics_path)
+
+
+def _counts(metrics: dict[str, float]) -> ChangeMetrics:
+    return ChangeMetrics(metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"])
+
+
+def _curves(histogram: ProbabilityHistogram, counts: ChangeMetrics, threshold: float) -> dict[str, Any]:
+    """A role's entry of ``TrainResult.curves``."""
+    return {"pr_curve": pr_curve_document(histogram, threshold), "confusion": confusion_document(counts, threshold)}

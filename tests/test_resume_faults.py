@@ -9,15 +9,11 @@ from the checkpoint, and one model version is registered.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +21,15 @@ import pytest
 from mlflow import MlflowClient
 
 from consumer.checkpoints import CheckpointStore, StoredProgress
-from consumer.roles import run_projector
-from consumer.watchdog import Watchdog
-from infra.bus import BusSettings
-from infra.bus.rabbit import RabbitBus
 from infra.objects import S3ObjectStore
 from infra.views import MongoJobViewStore
-from schemas import JobState, StatusEvent, TrainJob, TrainRequest
+from schemas import JobState
 from schemas.jobs import ATTEMPT_STRIDE
-from snunet_cbam.synthetic import make_synthetic_dataset
 from schemas.topology import Topology
-from tests.fixtures.rabbit import TEST_SETTINGS
+from tests.fixtures.worker_processes import CONSUMING, WorkerProcesses, worker_processes
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 # Small enough for a CPU, long enough (about a second an epoch) to be killed in the middle.
 CONFIG = {"base_channel": 4, "crop_size": 32, "batch_size": 2, "num_workers": 0, "device": "cpu", "compile": False,
           "amp": False, "window_size": 64, "window_overlap": 8, "crops_per_image": 2, "epochs": 6,
@@ -47,97 +37,31 @@ CONFIG = {"base_channel": 4, "crop_size": 32, "batch_size": 2, "num_workers": 0,
 # Short for the test, yet above the longest stall of a worker's event loop here (MLflow's model
 # export holds the GIL for seconds on 2 busy cores).
 STALE_AFTER_S = 10.0
-CONSUMING = "worker consuming train requests"
 
 
 @dataclass
 class Service:
-    env: dict[str, str]
-    views: MongoJobViewStore
-    bus: RabbitBus
+    """The worker processes, and where a job's checkpoints and MLflow runs land."""
+
+    processes: WorkerProcesses
     checkpoints: CheckpointStore
     mlflow: MlflowClient
-    tmp: Path
-    dataset_uri: str
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
-        env = {**self.env, "CDTRAIN_DATA_DIR": str(self.tmp / name)}
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen([sys.executable, "-m", "cdtrain", "serve", "--role", "consumer"], cwd=REPO,
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.workers.append(process)
-        return process
-
-    async def until_log(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(name):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker {name} never logged {text!r}:\n{self.log(name)}")
-            await asyncio.sleep(0.2)
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    async def submit(self, **config: Any) -> str:
-        job = TrainJob(request=TrainRequest(dataset_uri=self.dataset_uri, config={**CONFIG, **config},
-                                            register_model=True))
-        queued = StatusEvent.queued(job, source="/test/ingress")
-        await self.bus.publish_status(queued, queued.routing_key)
-        await self.bus.publish_request(job, message_id=job.job_id)
-        return job.job_id
-
-    async def until_view(self, job_id: str, predicate: Any, timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            view = await self.views.get(job_id)
-            if view is not None and predicate(view):
-                return view
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} not reached in {timeout} s; view: {view}\n"
-                                     + "\n".join(self.log(p) for p in ("a", "b") if (self.tmp / f"{p}.log").exists()))
-            await asyncio.sleep(0.1)
+    def __getattr__(self, name: str) -> Any:  # start_worker, submit, until_view, log ...
+        return getattr(self.processes, name)
 
 
 @pytest.fixture
-def topology(service_topology: Topology) -> Topology:
-    return service_topology
-
-
-@pytest.fixture
-async def service(tmp_path: Path, amqp_url: str, topology: Topology, mongodb_url: str,
+async def service(tmp_path: Path, amqp_url: str, service_topology: Topology, mongodb_url: str,
                   mongo_view_store: MongoJobViewStore, s3_settings: Any, s3_store: S3ObjectStore,
                   s3_bucket: str) -> AsyncIterator[Service]:
-    data = make_synthetic_dataset(tmp_path / "data", pairs=12, size=64, seed=5).root
-    for path in sorted(p for p in data.rglob("*") if p.is_file()):
-        await s3_store.upload_file(s3_bucket, f"data/{path.relative_to(data).as_posix()}", path)
-    database = mongo_view_store.collection.database.name
-    env = {**os.environ,
-           "CDTRAIN_BUS_URL": amqp_url, "CDTRAIN_TOPOLOGY_PREFIX": topology.prefix,
-           "CDTRAIN_MONGODB_URL": mongodb_url, "CDTRAIN_MONGODB_DATABASE": database,
-           "CDTRAIN_S3_ENDPOINT_URL": s3_settings.endpoint_url, "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "CDTRAIN_CHECKPOINT_URI": f"s3://{s3_bucket}/checkpoints/", "CDTRAIN_CHECKPOINT_EVERY_S": "1",
-           "CDTRAIN_HEARTBEAT_S": "0.5", "CDTRAIN_LOG_LEVEL": "INFO"}
-    bus = RabbitBus(BusSettings(url=amqp_url, **TEST_SETTINGS), topology)
-    await bus.connect()
-    stop = asyncio.Event()
-    watchdog = Watchdog(bus, mongo_view_store, stale_after=STALE_AFTER_S, step_stall=None, source="/test/watchdog")
-    projector = asyncio.create_task(run_projector(bus, mongo_view_store, watchdog, stop, sweep_interval=0.5,
-                                                  poll_interval=0.1))
-    service = Service(env, mongo_view_store, bus, CheckpointStore(s3_store, s3_bucket, "checkpoints/"),
-                      MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]), tmp_path, f"s3://{s3_bucket}/data/")
-    try:
-        yield service
-    finally:
-        for process in service.workers:
-            if process.poll() is None:
-                process.kill()
-            process.wait(30)
-        stop.set()
-        await asyncio.wait_for(projector, 30)
-        await bus.close()
+    async with worker_processes(tmp_path, amqp_url=amqp_url, topology=service_topology, mongodb_url=mongodb_url,
+                                views=mongo_view_store, s3_settings=s3_settings, s3_store=s3_store,
+                                s3_bucket=s3_bucket, config=CONFIG, pairs=12, seed=5, stale_after=STALE_AFTER_S,
+                                register_model=True,
+                                env={"CDTRAIN_CHECKPOINT_EVERY_S": "1", "CDTRAIN_HEARTBEAT_S": "0.5"}) as processes:
+        yield Service(processes, CheckpointStore(s3_store, s3_bucket, "checkpoints/"),
+                      MlflowClient(tracking_uri=processes.env["MLFLOW_TRACKING_URI"]))
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:

@@ -4,12 +4,12 @@ Everything takes an ``mlflow.MlflowClient`` built by the caller; nothing here re
 URI from the environment or uses MLflow's fluent (global) API. See ``docs/mlflow.md``.
 """
 
-from snunet_cbam.mlflow_run import DatasetLineage, local_dataset_lineage, log_dataset_input
+from snunet_cbam.mlflow_run import (CHECKPOINT_ARTIFACT, CONFIG_ARTIFACT, CURVES_DIR, METRICS_ARTIFACT, PANELS_DIR,
+                                    DatasetLineage, MlflowHooks, TrackingHealth, config_params, curve_artifacts,
+                                    local_dataset_lineage, log_checkpoint, log_dataset_input, panel_artifact,
+                                    yaml_scalar)
 
-from .hooks import (CONFIG_ARTIFACT, CURVES_DIR, METRICS_ARTIFACT, PANELS_DIR, MlflowHooks, TrackingHealth,
-                    config_params, curve_artifacts, panel_artifact, yaml_scalar)
-from .model import (CHECKPOINT_ARTIFACT, ChangeDetectionModule, LoggedModelInfo, default_input_example,
-                    log_best_model, log_checkpoint)
+from .model import ChangeDetectionModule, LoggedModelInfo, default_input_example, log_best_model
 from .promotion import (DEFAULT_PROMOTION_MARGIN, PromotionJudge, SplitScore, all_change_f1, fetch_checkpoint,
                         validation_scorer)
 from .registry import (PRODUCTION, STAGING, Champion, RegistrationResult, Verdict, find_logged_model,

@@ -16,7 +16,7 @@ from schemas.redact import redact_credentials
 from snunet_cbam.hooks import TrainResult
 from snunet_cbam.mlflow_run import DatasetLineage, log_dataset_input
 
-from .hooks import MlflowHooks
+from snunet_cbam.mlflow_run import MlflowHooks
 from .model import DIGEST_TAG, checkpoint_digest, log_best_model
 from .promotion import DEFAULT_PROMOTION_MARGIN, PromotionJudge, validation_scorer
 from .registry import MODEL_ID_TAG, find_logged_model, job_version, register_and_promote

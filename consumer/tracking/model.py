@@ -46,10 +46,7 @@ from torch import nn
 from schemas.training import TrainConfig
 from snunet_cbam.checkpoint import decision_threshold, eval_weights, load_checkpoint, model_from_checkpoint
 from snunet_cbam.data.dataset import normalisation
-
-from snunet_cbam.mlflow_run import CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, log_checkpoint  # noqa: F401 - re-exported
-
-from .hooks import config_params
+from snunet_cbam.mlflow_run import CHECKPOINT_ARTIFACT, config_params, log_checkpoint
 
 log = logging.getLogger(__name__)
 

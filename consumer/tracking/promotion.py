@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 
 from schemas.training import TrainConfig
 
-from .model import CHECKPOINT_ARTIFACT, CHECKPOINT_DIR
+from snunet_cbam.model_source import CHECKPOINT_ARTIFACT, CHECKPOINT_DIR
 from .registry import Champion, Verdict
 
 log = logging.getLogger(__name__)
