@@ -157,7 +157,6 @@ def test_training_evaluation_and_prediction_on_four_bands(four_band_run, tmp_pat
 
 def test_a_four_band_model_exports_for_mlflow(four_band_run, tmp_path):
     """The logged pyfunc model takes the 2 x 4 bands of the pair on its channel axis."""
-    pytest.importorskip("mlflow")
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
 
