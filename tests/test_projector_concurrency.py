@@ -4,6 +4,7 @@ On both buses and both view stores: events of many jobs, published interleaved a
 sequence order, are consumed with a prefetch above 1. Every view must end at its job's last
 event; no event may reach the store stale (one job's writes in delivery order); writes of
 different jobs must overlap (otherwise the prefetch bought nothing); and never two of one job.
+And a projector that dies with a prefetch of events in hand loses none of them to the next one.
 """
 
 from __future__ import annotations
@@ -143,3 +144,66 @@ async def test_many_jobs_are_projected_at_once_and_each_job_in_order(
     for j in range(jobs):
         view = await view_store.get(f"job-{j:03d}")
         assert view is not None and view.state == JobState.SUCCEEDED and view.step == per_job, view
+
+
+class _Stalling:
+    """A view store whose writes hang after ``allowed`` of them: a projector that stops mid-backlog
+    with writes in flight and deliveries unacked."""
+
+    def __init__(self, store: JobViewStore, allowed: int) -> None:
+        self.store = store
+        self.allowed = allowed
+        self.reached = asyncio.Event()
+
+    async def apply(self, event: StatusEvent, **kw: Any) -> bool:
+        if self.allowed <= 0:
+            self.reached.set()
+            await asyncio.Event().wait()  # until the projector is torn down
+        self.allowed -= 1
+        return await self.store.apply(event, **kw)
+
+
+async def test_a_projector_lost_with_many_events_in_flight_loses_none(
+        bus_factory: BusFactory, view_store: JobViewStore) -> None:
+    """The first projector dies (its bus connection closed) with up to its prefetch of events
+    delivered and unacked, some written, some not; the next one gets every event the first had not
+    finished, redelivered in whatever order, and every view ends at its job's last event."""
+    jobs, per_job = 20, 10
+    total = jobs * per_job
+    bus = await bus_factory()
+    for event in _events(jobs, per_job):
+        await bus.publish_status(event, event.routing_key, message_id=event.id)
+
+    first_bus = await bus_factory()
+    stalling = _Stalling(view_store, allowed=total // 3)
+    first = Projector(stalling)  # type: ignore[arg-type]
+
+    async def project_first(event: StatusEvent, _delivery: Any) -> None:
+        await first.handle(event)
+
+    await first_bus.consume_projector(project_first, model=StatusEvent, prefetch=32)
+    await asyncio.wait_for(stalling.reached.wait(), 30)
+    assert first.in_flight > 1  # it dies with several events in hand
+    await first_bus.close()  # the process is gone: its unacked deliveries go back to the queue
+
+    second = Projector(view_store)
+
+    async def project_second(event: StatusEvent, _delivery: Any) -> None:
+        await second.handle(event)
+
+    async def views_at_last_event() -> list[Any]:
+        return [await view_store.get(f"job-{j:03d}") for j in range(jobs)]
+
+    subscription = await (await bus_factory()).consume_projector(project_second, model=StatusEvent, prefetch=32)
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while any(v is None or v.last_sequence < per_job for v in await views_at_last_event()):
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"events were lost: views still short of sequence {per_job} after 60 s: "
+                f"{[(v.job_id, v.last_sequence) for v in await views_at_last_event() if v and v.last_sequence < per_job]}")
+            await asyncio.sleep(0.05)
+    finally:
+        await subscription.close()
+    assert second.applied > 0  # the second projector wrote what the first had left
+    for view in await views_at_last_event():
+        assert view.state == JobState.SUCCEEDED and view.step == per_job, view
